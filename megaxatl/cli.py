@@ -1,0 +1,60 @@
+"""The `megaxatl` console script: one subcommand per operator task.
+
+Every subcommand prints one clear line on bad input and exits non-zero (no traceback unless
+MEGAXATL_DEBUG=1), and none writes a partial output in place of a good one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib import import_module
+
+# name -> (module, add-arguments function, run function, help). Modules are imported lazily so
+# `megaxatl info` stays fast and a broken optional dependency only affects its own command.
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "info": ("megaxatl.info", "add_info_args", "run_info",
+             "versions, usable backends, kernel choices and config sizes"),
+    "transfer": ("megaxatl.transfer.cli", "add_transfer_args", "run_transfer",
+                 "copy a donor transformer's shared components into an LCI model (XATL)"),
+    "prepare-data": ("megaxatl.data.cli", "add_prepare_data_args", "run_prepare_data",
+                     "tokenize and pack text into webdataset shards with a manifest"),
+    "generate": ("megaxatl.eval.generate_cli", "add_generate_args", "run_generate",
+                 "generate text from a model folder with recurrent decoding"),
+}
+
+
+class CLIError(Exception):
+    """An operator error: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megaxatl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, add_args, _, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        getattr(import_module(module), add_args)(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module, _, run, _ = COMMANDS[args.command]
+    try:
+        return int(getattr(import_module(module), run)(args) or 0)
+    except KeyboardInterrupt:
+        print("megaxatl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for the operator; the traceback on request
+        if os.environ.get("MEGAXATL_DEBUG"):
+            raise
+        known = isinstance(e, (CLIError, ValueError, FileNotFoundError, FileExistsError, PermissionError))
+        print(f"megaxatl {args.command}: error: {e}" if known else
+              f"megaxatl {args.command}: error: {type(e).__name__}: {e} (MEGAXATL_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""The one config schema: model, transfer, parallel, data, train and logging sections.
+
+Plain dataclasses so that the model code reads attributes, not dict keys. Loading from JSON,
+type checking and the cross-field checks live in `load.py`; the per-dataclass `check()` methods
+here say what a value may be and why, and return problems as (key, reason) pairs so that the
+loader can name the file and the full key path in its message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from megaxatl.config.pattern import parse_pattern
+
+Problems = list[tuple[str, str]]
+
+
+@dataclass
+class MambaConfig:
+    """Mamba-1 selective SSM mixer (mamba-ssm's defaults)."""
+
+    d_state: int = 16
+    d_conv: int = 4
+    expand: float = 2.0
+    # None -> ceil(d_model / 16), as mamba-ssm's "auto"
+    dt_rank: Optional[int] = None
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    conv_bias: bool = True
+    proj_bias: bool = False
+
+    def check(self, d_model: int) -> Problems:
+        out: Problems = []
+        d_inner = self.expand * d_model
+        if d_inner != int(d_inner):
+            out.append(("expand", f"expand * d_model = {d_inner} is not a whole number of channels"))
+        if not 0 < self.dt_min <= self.dt_max:
+            out.append(("dt_min", f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}"))
+        for k in ("d_state", "d_conv"):
+            if getattr(self, k) < 1:
+                out.append((k, "must be >= 1"))
+        if self.dt_rank is not None and self.dt_rank < 1:
+            out.append(("dt_rank", "must be >= 1 (or null for ceil(d_model/16))"))
+        return out
+
+
+@dataclass
+class Mamba2Config:
+    """Mamba-2 (SSD) mixer, mamba-ssm's Mamba2 layout."""
+
+    d_state: int = 64
+    d_conv: int = 4
+    expand: float = 2.0
+    head_dim: int = 64
+    n_groups: int = 1
+    chunk_size: int = 64
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    conv_bias: bool = True
+    proj_bias: bool = False
+
+    def check(self, d_model: int) -> Problems:
+        out: Problems = []
+        d_inner = self.expand * d_model
+        if d_inner != int(d_inner):
+            out.append(("expand", f"expand * d_model = {d_inner} is not a whole number of channels"))
+            return out
+        d_inner = int(d_inner)
+        if d_inner % self.head_dim:
+            out.append(("head_dim", f"d_inner {d_inner} is not divisible by head_dim {self.head_dim}"))
+        elif (d_inner // self.head_dim) % self.n_groups:
+            out.append(("n_groups", f"{d_inner // self.head_dim} heads are not divisible by n_groups {self.n_groups}"))
+        if self.chunk_size < 1:
+            out.append(("chunk_size", "must be >= 1"))
+        return out
+
+
+@dataclass
+class ModelConfig:
+    """The XATL decoder: each layer is norm -> mixer -> residual, norm -> MLP -> residual."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    # One symbol per layer (see models/pattern.py); '|' marks pipeline-stage boundaries.
+    pattern: str
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    # 'gelu' (exact, Pythia), 'gelu_tanh' (GPT-2), 'relu', 'swiglu' (Llama), 'none' (no MLP:
+    # the original Mamba layout).
+    mlp: Literal["gelu", "gelu_tanh", "relu", "swiglu", "none"] = "gelu"
+    d_mlp: int = 0
+    mlp_bias: bool = True
+    # GPT-NeoX form: x + mixer(norm1(x)) + mlp(norm2(x)).
+    parallel_residual: bool = False
+    tie_embeddings: bool = False
+    # Pad the embedding / head rows to a multiple of this (tensor parallelism, kernels).
+    pad_vocab_multiple: int = 1
+    # attention layers
+    n_heads: int = 1
+    n_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    rotary_pct: float = 1.0
+    rope_theta: float = 10000.0
+    qkv_bias: bool = False
+    attn_out_bias: bool = False
+    max_seq_len: int = 2048
+    mamba: MambaConfig = field(default_factory=MambaConfig)
+    mamba2: Mamba2Config = field(default_factory=Mamba2Config)
+    init_std: float = 0.02
+
+    # ---- derived values, one home each -------------------------------------------------
+    @property
+    def layer_symbols(self) -> list[str]:
+        return parse_pattern(self.pattern).symbols
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    def check(self) -> Problems:
+        out: Problems = []
+        for k in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "pad_vocab_multiple"):
+            if getattr(self, k) < 1:
+                out.append((k, f"must be >= 1, got {getattr(self, k)}"))
+        if out:
+            return out
+        try:
+            symbols = self.layer_symbols
+        except ValueError as e:
+            return [("pattern", str(e))]
+        if len(symbols) != self.n_layers:
+            out.append(("pattern", f"has {len(symbols)} layer symbols but n_layers is {self.n_layers}"))
+        if self.head_dim is None and self.d_model % self.n_heads:
+            out.append(("n_heads", f"{self.n_heads} heads do not divide d_model {self.d_model}"))
+        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
+            out.append(("n_kv_heads", f"{self.n_kv_heads} KV heads do not divide n_heads {self.n_heads}"))
+        if not 0.0 <= self.rotary_pct <= 1.0:
+            out.append(("rotary_pct", f"must be in [0, 1], got {self.rotary_pct}"))
+        elif int(self.attn_head_dim * self.rotary_pct) % 2:
+            out.append(("rotary_pct", f"rotary dims {int(self.attn_head_dim * self.rotary_pct)} must be even"))
+        if self.mlp != "none" and self.d_mlp < 1:
+            out.append(("d_mlp", f"must be >= 1 when mlp is '{self.mlp}'"))
+        if self.norm_eps <= 0:
+            out.append(("norm_eps", "must be > 0"))
+        if "M" in symbols:
+            out += [(f"mamba.{k}", r) for k, r in self.mamba.check(self.d_model)]
+        if "S" in symbols:
+            out += [(f"mamba2.{k}", r) for k, r in self.mamba2.check(self.d_model)]
+        return out
+
+
+@dataclass
+class FreezeConfig:
+    """When transferred weights train. `lit` is the paper's Loss Improvement Threshold."""
+
+    policy: Literal["none", "fixed", "lit"] = "none"
+    # 'fixed': unfreeze at this optimizer step.
+    unfreeze_step: int = 0
+    # 'lit': mean loss over `window` steps; relative improvement between consecutive windows
+    # below `threshold` for `patience` windows in a row -> unfreeze.
+    window: int = 100
+    threshold: float = 0.01
+    patience: int = 1
+    # Newly unfrozen weights get their own linear LR warmup (a high LR on them blows up).
+    warmup_steps: int = 100
+
+    def check(self) -> Problems:
+        out: Problems = []
+        if self.window < 1:
+            out.append(("window", "must be >= 1"))
+        if self.patience < 1:
+            out.append(("patience", "must be >= 1"))
+        if self.threshold < 0:
+            out.append(("threshold", "must be >= 0"))
+        if self.unfreeze_step < 0 or self.warmup_steps < 0:
+            out.append(("unfreeze_step", "steps must be >= 0"))
+        return out
+
+
+TRANSFER_MODES = ("emb+norm+mlp+oproj", "emb+norm+mlp", "emb+norm", "attn-init")
+
+
+@dataclass
+class TransferConfig:
+    # A donor folder or a named asset (see megaxatl/assets.py); null trains from scratch.
+    donor: Optional[str] = None
+    mode: str = "emb+norm+mlp+oproj"
+    # target layer i takes donor layer layer_map[i]; null -> evenly spaced, first and last kept.
+    layer_map: Optional[list[int]] = None
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+
+    def check(self) -> Problems:
+        out: Problems = []
+        if self.mode not in TRANSFER_MODES:
+            out.append(("mode", f"'{self.mode}' is not one of {', '.join(TRANSFER_MODES)}"))
+        if self.layer_map is not None and any(i < 0 for i in self.layer_map):
+            out.append(("layer_map", "donor layer indices must be >= 0"))
+        out += [(f"freeze.{k}", r) for k, r in self.freeze.check()]
+        return out
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    zero_stage: int = 0
+    sequence_parallel: bool = False
+    # pipeline micro-batches per optimizer step
+    micro_batches: int = 1
+    activation_checkpointing: bool = False
+    cpu_offload: bool = False
+
+    def check(self) -> Problems:
+        out: Problems = []
+        for k in ("tp", "pp", "micro_batches"):
+            if getattr(self, k) < 1:
+                out.append((k, "must be >= 1"))
+        if self.zero_stage not in (0, 1, 2, 3):
+            out.append(("zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}"))
+        if self.pp > 1 and self.zero_stage > 1:
+            out.append(("zero_stage", "pipeline parallelism composes with ZeRO stage 0 or 1 only"))
+        if self.sequence_parallel and self.tp == 1:
+            out.append(("sequence_parallel", "needs tp > 1"))
+        return out
+
+
+@dataclass
+class DataConfig:
+    # Folder of webdataset shards with manifest.json (megaxatl prepare-data); or null.
+    train_shards: Optional[str] = None
+    val_shards: Optional[str] = None
+    seq_len: int = 512
+    micro_batch_size: int = 4
+    num_workers: int = 0
+    seed: int = 1234
+
+    def check(self) -> Problems:
+        out: Problems = []
+        for k in ("seq_len", "micro_batch_size"):
+            if getattr(self, k) < 1:
+                out.append((k, "must be >= 1"))
+        if self.num_workers < 0:
+            out.append(("num_workers", "must be >= 0"))
+        return out
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 2000
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    dtype: Literal["fp32", "bf16"] = "bf16"
+    seed: int = 1234
+    # Embeddings are weight-decayed unless this is false (norms, biases, A_log, D never are).
+    decay_embeddings: bool = False
+    eval_interval: int = 100
+    eval_steps: int = 10
+    save_interval: int = 500
+    keep_last: int = 3
+    out_dir: str = "runs/default"
+    # Initial weights: null (scratch, or the transfer section's donor) or a `megaxatl transfer` output.
+    init_from: Optional[str] = None
+    max_bad_steps: int = 5
+    # 'adamw' (torch, the default: nothing to compile), or DeepSpeed's JIT-compiled
+    # 'ds_cpu_adam' (ZeRO-Offload) / 'ds_fused_adam' (GPU).
+    optimizer: Literal["adamw", "ds_cpu_adam", "ds_fused_adam"] = "adamw"
+    # Continue from out_dir's latest complete checkpoint when there is one.
+    resume: bool = True
+
+    def check(self) -> Problems:
+        out: Problems = []
+        if self.steps < 1:
+            out.append(("steps", "must be >= 1"))
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            out.append(("lr", f"need lr > 0 and 0 <= min_lr <= lr, got {self.lr}, {self.min_lr}"))
+        if self.warmup_steps < 0:
+            out.append(("warmup_steps", "must be >= 0"))
+        if not all(0 <= b < 1 for b in self.betas):
+            out.append(("betas", f"each must be in [0, 1), got {list(self.betas)}"))
+        for k in ("grad_accum", "eval_interval", "eval_steps", "save_interval", "keep_last", "max_bad_steps"):
+            if getattr(self, k) < 1:
+                out.append((k, "must be >= 1"))
+        if self.grad_clip < 0:
+            out.append(("grad_clip", "must be >= 0 (0 disables clipping)"))
+        return out
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    # 'disabled', 'offline' (no network) or 'online'; the WANDB_MODE env var overrides.
+    wandb_mode: Literal["disabled", "offline", "online"] = "disabled"
+    wandb_project: str = "megaxatl"
+    run_name: Optional[str] = None
+    progress: bool = True
+    # Peak dense TFLOP/s per device for MFU; null -> MEGAXATL_PEAK_TFLOPS env, then a table of
+    # known GPUs (train/metrics.py); on CPU without either, MFU is not reported.
+    peak_tflops: Optional[float] = None
+
+    def check(self) -> Problems:
+        out: Problems = [("log_interval", "must be >= 1")] if self.log_interval < 1 else []
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            out.append(("peak_tflops", "must be > 0 (or null)"))
+        return out
+
+
+@dataclass
+class Config:
+    model: ModelConfig
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Free text shown by `megaxatl info`.
+    description: str = ""
+
+    def check(self) -> Problems:
+        out: Problems = []
+        for section in ("model", "transfer", "parallel", "data", "train", "logging"):
+            out += [(f"{section}.{k}", r) for k, r in getattr(self, section).check()]
+        m, p = self.model, self.parallel
+        if p.tp > 1 and not out:
+            if m.padded_vocab_size % p.tp:
+                out.append(("parallel.tp", f"padded vocab {m.padded_vocab_size} is not divisible by tp {p.tp}"))
+            if "*" in m.pattern and (m.n_heads % p.tp or (m.kv_heads % p.tp and p.tp % m.kv_heads)):
+                out.append(("parallel.tp", f"tp {p.tp} does not split {m.n_heads} heads / {m.kv_heads} KV heads"))
+        if p.pp > 1 and p.pp > m.n_layers:
+            out.append(("parallel.pp", f"pp {p.pp} exceeds n_layers {m.n_layers}"))
+        return out

@@ -1,0 +1,1 @@
+"""Evaluation and inference: held-out loss / perplexity / bits per byte, generation."""

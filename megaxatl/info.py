@@ -1,0 +1,88 @@
+"""`megaxatl info`: versions, what is usable on this machine, kernel backends, config sizes."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import platform
+import warnings
+from pathlib import Path
+
+
+def _version(dist: str) -> str:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return "not installed"
+
+
+def _usable(module: str, probe) -> str:
+    try:
+        with warnings.catch_warnings():  # megatron-core warns about optional Apex / TE at import
+            warnings.simplefilter("ignore")
+            mod = importlib.import_module(module)
+        detail = probe(mod)
+        return f"yes{f' ({detail})' if detail else ''}"
+    except Exception as e:  # report, never crash: this command is how people debug installs
+        return f"no ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+
+
+def shipped_configs() -> list[Path]:
+    """configs/*.json beside the package (a source checkout) or in the working directory."""
+    here = Path(__file__).resolve().parent.parent / "configs"
+    for d in (here, Path.cwd() / "configs"):
+        if d.is_dir():
+            return sorted(d.glob("*.json"))
+    return []
+
+
+def human(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def config_rows(paths: list[Path]) -> list[tuple[str, str, str, str]]:
+    from megaxatl.config import ConfigError, load_config
+    from megaxatl.models import count_parameters
+
+    rows = []
+    for p in paths:
+        try:
+            cfg = load_config(p)
+        except ConfigError as e:
+            rows.append((p.name, "-", "-", f"invalid: {e.reason}"))
+            continue
+        m = cfg.model
+        rows.append((p.name, human(count_parameters(cfg)), m.pattern if len(m.pattern) <= 32 else m.pattern[:29] + "...",
+                     f"{m.n_layers} x {m.d_model}"))
+    return rows
+
+
+def run_info(args) -> int:
+    import torch
+
+    print(f"megaxatl {_version('megaxatl')}  python {platform.python_version()}  torch {torch.__version__}")
+    for dist in ("deepspeed", "megatron-core", "transformers", "triton", "mamba-ssm", "causal-conv1d", "lm-eval"):
+        print(f"  {dist:<14} {_version(dist)}")
+    print("usable:")
+    cuda = torch.cuda.is_available()
+    print(f"  CUDA           {'yes (' + torch.cuda.get_device_name(0) + ')' if cuda else 'no'}")
+    print(f"  DeepSpeed      {_usable('deepspeed', lambda m: m.get_accelerator().device_name())}")
+    print(f"  megatron-core  {_usable('megatron.core.parallel_state', lambda m: '')}")
+    from megaxatl.kernels.dispatch import describe_backends
+
+    print("kernel backends (chosen on CPU / on CUDA; available):")
+    for op, d in describe_backends().items():
+        print(f"  {op:<24} {d['chosen_cpu']:<8} / {d['chosen_cuda']:<8} ({', '.join(d['available'])})")
+    paths = [Path(c) for c in args.config] if args.config else shipped_configs()
+    if paths:
+        print("configs (parameters, pattern, layers x width):")
+        for name, n, pattern, shape in config_rows(paths):
+            print(f"  {name:<34} {n:>8}  {shape:<12} {pattern}")
+    return 0
+
+
+def add_info_args(parser) -> None:
+    parser.add_argument("--config", action="append", help="a config to size (repeatable); default: all shipped configs")

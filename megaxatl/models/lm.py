@@ -1,0 +1,109 @@
+"""The decoder LM: embedding -> blocks from the pattern -> final norm -> LM head.
+
+A plain single-device `nn.Module` (forward(input_ids) -> logits); parallelism is applied to it
+afterwards (megaxatl/parallel), torchtitan style.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megaxatl.config.schema import ModelConfig
+from megaxatl.models.block import Block
+from megaxatl.models.norms import make_norm
+from megaxatl.models.params import mark_no_decay
+
+# Projections that write into the residual stream: scaled down at init by 1/sqrt(2 * n_layers)
+# (GPT-2 / Megatron / mamba-ssm's rescale_prenorm_residual), so the stream's variance does not
+# grow with depth.
+RESIDUAL_OUT = ("o_proj", "out_proj", "down_proj")
+
+
+class LM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        vocab = cfg.padded_vocab_size
+        self.embed = nn.Embedding(vocab, cfg.d_model)
+        mark_no_decay(self.embed.weight)
+        self.layers = nn.ModuleList(Block(s, cfg) for s in cfg.layer_symbols)
+        self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, vocab, bias=False)
+        self.gradient_checkpointing = False
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Generic init: N(0, init_std) linears and embedding, zero biases, scaled residual outputs.
+
+        Mixer-specific parameters (dt, A_log, D, conv) keep their own init (reset_ssm_parameters).
+        """
+        std = self.cfg.init_std
+        nn.init.normal_(self.embed.weight, std=std)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        for name, module in self.layers.named_modules():
+            if isinstance(module, nn.Linear):
+                if name.endswith(".dt_proj"):
+                    continue
+                leaf = name.rsplit(".", 1)[-1]
+                scale = 1 / math.sqrt(2 * self.cfg.n_layers) if leaf in RESIDUAL_OUT else 1.0
+                nn.init.normal_(module.weight, std=std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def empty_cache(self, batch: int, device=None, dtype=None) -> list:
+        p = self.embed.weight
+        return [layer.empty_cache(batch, device or p.device, dtype or p.dtype) for layer in self.layers]
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: list | None = None):
+        """input_ids: (B, L) -> final-normed hidden (B, L, D) and the updated cache (or None)."""
+        x = self.embed(input_ids)
+        new_cache = [] if cache is not None else None
+        for i, layer in enumerate(self.layers):
+            if cache is not None:
+                x, c = layer(x, cache[i])
+                new_cache.append(c)
+            elif self.gradient_checkpointing and self.training:
+                x = checkpoint(lambda t, layer=layer: layer(t)[0], x, use_reentrant=False)
+            else:
+                x, _ = layer(x)
+        return self.norm_f(x), new_cache
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = F.linear(hidden, self.head_weight)
+        # padded vocab rows exist for TP / kernels only; they are never predicted
+        return out[..., : self.cfg.vocab_size] if out.shape[-1] != self.cfg.vocab_size else out
+
+    def forward(self, input_ids: torch.Tensor, cache: list | None = None):
+        """input_ids: (B, L) -> logits (B, L, vocab). With `cache` -> (logits, new cache)."""
+        hidden, new_cache = self.hidden_states(input_ids, cache)
+        logits = self.logits(hidden)
+        return logits if cache is None else (logits, new_cache)
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross entropy in fp32; labels (B, L) are already shifted."""
+        logits = self(input_ids)
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=ignore_index)
+
+
+def build(cfg) -> LM:
+    """megaxatl.models.build(config) -> model. Accepts a full `Config` or its `ModelConfig`."""
+    model_cfg = getattr(cfg, "model", cfg)
+    return LM(model_cfg)
+
+
+def count_parameters(cfg) -> int:
+    """Exact parameter count of a config, without allocating it (built on the meta device)."""
+    with torch.device("meta"):
+        model = build(cfg)
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,19 @@
+"""Shared test helpers: one tolerance rule for every numeric comparison."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rel_rms_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected||_2 / ||expected||_2 in fp64 (0 when both are zero)."""
+    a, e = actual.detach().double(), expected.detach().double()
+    assert a.shape == e.shape, f"shape {tuple(a.shape)} != {tuple(e.shape)}"
+    assert torch.isfinite(a).all(), "actual has non-finite values"
+    denom = e.norm()
+    return float((a - e).norm() / denom) if denom > 0 else float((a - e).norm())
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
+    err = rel_rms_error(actual, expected)
+    assert err <= tol, f"{what}: relative RMS error {err:.3e} > {tol:.1e}"
