@@ -1,0 +1,175 @@
+"""The training loop in this process (one CPU rank, gloo): exact resume, NaN handling, init from
+a model folder with the freeze policy, a donor transfer, the export, and the launcher's errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megaxatl.config import config_from_dict
+from megaxatl.train import TrainingDiverged, run
+from test_train_common import (PRETRAIN, REPO, checkpoint_weights, clean_env, events, losses, make_init_dir,
+                               tiny_config, train_shards)  # noqa: F401 (fixture)
+
+
+def cfg_of(data):
+    return config_from_dict(data)
+
+
+def test_stop_and_resume_reproduces_the_uninterrupted_losses(tmp_path, train_shards):
+    full = run(cfg_of(tiny_config(tmp_path / "full", train_shards)))
+    assert full.completed and full.step == 8 and full.skipped == 0
+    a = losses(tmp_path / "full")
+    assert a[8] < a[1] - 0.3, a  # it learns
+    assert full.val is not None and math.isfinite(full.val["val_bpb"]) and full.val["val_bpb"] > 0
+
+    cfg = cfg_of(tiny_config(tmp_path / "split", train_shards, train__save_interval=100))
+    first = run(cfg, stop_after=3)
+    assert not first.completed and first.step == 3 and first.checkpoint.name == "step_00000003"
+    second = run(cfg)
+    assert second.resumed_from == 3 and second.completed
+    b = losses(tmp_path / "split")
+    assert b == a, "resumed run's losses differ from the uninterrupted run's"
+    assert [e["event"] for e in events(tmp_path / "split")].count("resume") == 1
+    # the exports of both runs hold the same weights, bit for bit
+    from megaxatl.checkpoint import load_model_dir
+
+    wa, meta = load_model_dir(tmp_path / "full" / "final")
+    wb, _ = load_model_dir(tmp_path / "split" / "final")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert meta["step"] == 8 and meta["config"]["train"]["steps"] == 8
+
+
+def test_nan_loss_is_skipped_and_counted(tmp_path, train_shards):
+    fired = set()
+
+    def once_at_step_3(step, micro):
+        if step == 3 and step not in fired:
+            fired.add(step)
+            return True
+        return False
+
+    res = run(cfg_of(tiny_config(tmp_path / "r", train_shards, train__steps=5, train__grad_accum=2)), fault=once_at_step_3)
+    assert res.completed and res.step == 5 and res.skipped == 1
+    assert all(math.isfinite(v) for v in res.losses.values())
+    skips = [e for e in events(tmp_path / "r") if e["event"] == "skip"]
+    assert len(skips) == 1 and skips[0]["step"] == 2
+
+
+def test_consecutive_nan_losses_stop_the_run_keeping_the_last_good_checkpoint(tmp_path, train_shards):
+    out = tmp_path / "r"
+    cfg = cfg_of(tiny_config(out, train_shards, train__save_interval=2, train__max_bad_steps=3))
+    with pytest.raises(TrainingDiverged, match=r"3 non-finite losses in a row at step 6.*step_00000004"):
+        run(cfg, fault=lambda step, micro: step >= 6)
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000004"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == ["step_00000002", "step_00000004"]
+    assert not any(p.name.startswith(".tmp") for p in ckpts.iterdir())
+    assert events(out)[-1]["event"] == "diverged"
+    # a restart (the cause fixed) resumes from that checkpoint
+    res = run(cfg)
+    assert res.resumed_from == 4 and res.completed
+
+
+def test_init_from_folder_freezes_transferred_weights_until_the_fixed_step(tmp_path, train_shards):
+    data = tiny_config(tmp_path / "run", train_shards, parallel__zero_stage=2, train__save_interval=1,
+                       train__keep_last=20, transfer__freeze={"policy": "fixed", "unfreeze_step": 3, "warmup_steps": 2})
+    init, transferred = make_init_dir(data, tmp_path / "init")
+    data["train"]["init_from"] = str(tmp_path / "init")
+    res = run(cfg_of(data))
+    assert res.completed and res.unfrozen_at == 3
+    fresh = [n for n in init if n not in transferred]
+    for step in range(1, 6):
+        w = checkpoint_weights(tmp_path / "run" / "checkpoints" / f"step_{step:08d}")
+        frozen_same = [torch.equal(w[n], init[n]) for n in transferred]
+        assert all(frozen_same) == (step <= 3) and (any(frozen_same) is (step <= 3)), step
+        assert not any(torch.equal(w[n], init[n]) for n in fresh if "A_log" not in n and n.endswith("weight")), step
+    lr = {r["step"]: r["lr_transferred"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open())
+          if r["kind"] == "train"}
+    assert lr[1] == lr[3] == 0.0 and lr[4] > 0 and lr[5] > lr[4]
+    meta = json.loads((tmp_path / "run" / "final" / "meta.json").read_text())
+    assert sorted(meta["transferred"]) == sorted(transferred) and meta["report"] == {"donor": "test"}
+
+
+def test_training_from_a_donor_transfers_then_unfreezes(tmp_path, train_shards):
+    pytest.importorskip("transformers")
+    from fixtures_donors import make_tiny_donor
+    from megaxatl.donors import open_donor
+    from megaxatl.transfer import model_dict_from_donor
+
+    # the donor's vocabulary must cover the shards' 300-piece tokenizer (no tokenizer/ to check ids)
+    _, donor = make_tiny_donor("gpt_neox", tmp_path / "neox", vocab_size=300)
+    spec = open_donor(donor).spec
+    model = model_dict_from_donor(spec, "*M", mamba={"d_state": 8})
+    data = tiny_config(tmp_path / "run", train_shards, train__steps=4, transfer__donor=str(donor),
+                       transfer__freeze={"policy": "lit", "window": 1, "threshold": 1.0, "patience": 1, "warmup_steps": 1})
+    data["model"] = model
+    res = run(cfg_of(data))
+    assert res.completed
+    # LIT with threshold 1.0: the second window's improvement (< 100 %) unfreezes at step 2
+    assert res.unfrozen_at == 2 and [e["step"] for e in events(tmp_path / "run") if e["event"] == "unfreeze"] == [2]
+    meta = json.loads((tmp_path / "run" / "final" / "meta.json").read_text())
+    assert meta["transferred"] and meta["trained_from"] == f"donor:{donor}"
+
+
+def test_launcher_reports_config_errors_in_one_line(tmp_path, train_shards):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(tiny_config(tmp_path / "run", train_shards)))
+    proc = subprocess.run([sys.executable, str(PRETRAIN), "--config", str(cfg), "--set", "train.stepz=3"],
+                          env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("pretrain: config error:")
+    assert "c.json" in proc.stderr and "train.stepz" in proc.stderr
+    no_data = tiny_config(tmp_path / "run", train_shards)
+    no_data["data"]["train_shards"] = None
+    cfg.write_text(json.dumps(no_data))
+    proc = subprocess.run([sys.executable, str(PRETRAIN), "--config", str(cfg)],
+                          env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "data.train_shards" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_wandb_offline_and_mfu_from_a_configured_peak(tmp_path, train_shards, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("MEGAXATL_PEAK_TFLOPS", "0.5")
+    out = tmp_path / "r"
+    res = run(cfg_of(tiny_config(out, train_shards, train__steps=2)))
+    assert res.completed
+    assert list((out / "wandb").glob("offline-run-*")), "no offline wandb run written"
+    rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rec if r["kind"] == "train"]
+    assert all(r["tflops"] > 0 and r["mfu"] == pytest.approx(r["tflops"] / 0.5) for r in train)
+    assert all(r["tokens_per_s"] > 0 and r["eta_s"] >= 0 for r in train)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, train_shards):
+    import signal
+    import time
+
+    out = tmp_path / "r"
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(tiny_config(out, train_shards, train__steps=100000, train__save_interval=100000)))
+    proc = subprocess.Popen([sys.executable, str(PRETRAIN), "--config", str(cfg)], env=clean_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if len(losses(out)) >= 2:
+                    break
+            except (OSError, ValueError):  # not there yet, or a line being written
+                pass
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    step = max(losses(out))
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+    assert "rerun to resume" in err and events(out)[-1]["event"] == "stop"
