@@ -2,12 +2,10 @@
 
 from megaxatl.checkpoint.model_dir import (
     CheckpointError,
-    atomic_dir,
     load_model,
     load_model_dir,
     read_meta,
     save_model_dir,
-    sha256_file,
 )
 
-__all__ = ["CheckpointError", "atomic_dir", "load_model", "load_model_dir", "read_meta", "save_model_dir", "sha256_file"]
+__all__ = ["CheckpointError", "load_model", "load_model_dir", "read_meta", "save_model_dir"]

@@ -17,14 +17,12 @@ Problems = list[tuple[str, str]]
 
 
 @dataclass
-class MambaConfig:
-    """Mamba-1 selective SSM mixer (mamba-ssm's defaults)."""
+class _SSMConfig:
+    """What Mamba-1 and Mamba-2 mixers share: width, conv, dt initialisation, biases."""
 
     d_state: int = 16
     d_conv: int = 4
     expand: float = 2.0
-    # None -> ceil(d_model / 16), as mamba-ssm's "auto"
-    dt_rank: Optional[int] = None
     dt_min: float = 0.001
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
@@ -41,34 +39,37 @@ class MambaConfig:
         for k in ("d_state", "d_conv"):
             if getattr(self, k) < 1:
                 out.append((k, "must be >= 1"))
+        return out
+
+
+@dataclass
+class MambaConfig(_SSMConfig):
+    """Mamba-1 selective SSM mixer (mamba-ssm's defaults)."""
+
+    # None -> ceil(d_model / 16), as mamba-ssm's "auto"
+    dt_rank: Optional[int] = None
+
+    def check(self, d_model: int) -> Problems:
+        out = super().check(d_model)
         if self.dt_rank is not None and self.dt_rank < 1:
             out.append(("dt_rank", "must be >= 1 (or null for ceil(d_model/16))"))
         return out
 
 
 @dataclass
-class Mamba2Config:
+class Mamba2Config(_SSMConfig):
     """Mamba-2 (SSD) mixer, mamba-ssm's Mamba2 layout."""
 
     d_state: int = 64
-    d_conv: int = 4
-    expand: float = 2.0
     head_dim: int = 64
     n_groups: int = 1
     chunk_size: int = 64
-    dt_min: float = 0.001
-    dt_max: float = 0.1
-    dt_init_floor: float = 1e-4
-    conv_bias: bool = True
-    proj_bias: bool = False
 
     def check(self, d_model: int) -> Problems:
-        out: Problems = []
-        d_inner = self.expand * d_model
-        if d_inner != int(d_inner):
-            out.append(("expand", f"expand * d_model = {d_inner} is not a whole number of channels"))
+        out = super().check(d_model)
+        if out:
             return out
-        d_inner = int(d_inner)
+        d_inner = int(self.expand * d_model)
         if d_inner % self.head_dim:
             out.append(("head_dim", f"d_inner {d_inner} is not divisible by head_dim {self.head_dim}"))
         elif (d_inner // self.head_dim) % self.n_groups:

@@ -33,7 +33,6 @@ tokenizer and arguments.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -109,14 +108,6 @@ def tar_header_ok(header: bytes, name: bytes) -> bool:
 
 def tar_member_size(header: bytes) -> int:
     return int(header[124:136].strip(b"\0 ") or b"0", 8)
-
-
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_manifest(shard_dir: str | Path) -> dict:

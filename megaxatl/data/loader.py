@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from megaxatl.fsutil import sha256_file
 from megaxatl.data.format import (
     BLOCK,
     IGNORE_INDEX,
@@ -67,7 +68,6 @@ from megaxatl.data.format import (
     npy_header,
     read_manifest,
     sample_key,
-    sha256_file,
     tar_header_ok,
     tar_member_size,
 )

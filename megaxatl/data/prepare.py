@@ -56,6 +56,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from megaxatl.data import tokenizer as tk
+from megaxatl.fsutil import sha256_file
 from megaxatl.data.format import (
     FORMAT,
     FORMAT_VERSION,
@@ -67,7 +68,6 @@ from megaxatl.data.format import (
     npy_bytes,
     sample_key,
     sample_stride,
-    sha256_file,
     shard_name,
     token_dtype,
 )
