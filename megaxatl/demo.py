@@ -61,6 +61,14 @@ def plot(curves: dict[str, list[dict]], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, recs in curves.items():
         ax.plot([r["step"] for r in recs], [r["val_loss"] for r in recs], marker="o", label=name)
+    # a transferred model can start far above log(vocab) (confident logits through fresh mixers)
+    # and falls below it within a few steps; keep the axis on the part that compares the arms
+    top = max(r["val_loss"] for recs in curves.values() for r in recs[1:] or recs) * 1.15
+    off = [f"{name.split()[0]} {r['val_loss']:.1f} at step {r['step']}"
+           for name, recs in curves.items() for r in recs if r["val_loss"] > top]
+    if off:
+        ax.text(0.98, 0.70, "off scale: " + ", ".join(off), transform=ax.transAxes, ha="right", fontsize=8)
+    ax.set_ylim(top=top)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(title)

@@ -1,0 +1,21 @@
+"""The README's main command, shortened: real donor + real corpus, two arms, table and PNG."""
+
+import json
+
+from megaxatl.cli import main
+
+
+def test_demo_runs_end_to_end_with_two_steps(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "XATL transfer" in out and "validation loss" in out and "final val loss" in out
+    (root,) = tmp_path.glob("demo-*")
+    assert (root / "xatl_vs_scratch.png").stat().st_size > 10_000
+    report = json.loads((root / "xatl-init" / "report.json").read_text())
+    assert report["donor"] == "smollm2-135m" or report["donor"].endswith("smollm2-135m-instruct")
+    for arm in ("xatl", "scratch"):
+        evals = [json.loads(x) for x in (root / arm / "metrics.jsonl").read_text().splitlines()]
+        evals = [r for r in evals if r["kind"] == "eval"]
+        assert [r["step"] for r in evals] == [0, 2]
+        assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert (root / "xatl" / "final" / "model.safetensors").is_file()
