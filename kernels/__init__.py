@@ -11,6 +11,8 @@ from .dispatch import backend_for, describe_backends
 from .ops import (
     causal_conv1d,
     causal_conv1d_update,
+    gla_scan,
+    gla_state_update,
     selective_scan,
     selective_state_update,
     ssd_scan,
@@ -22,6 +24,8 @@ __all__ = [
     "causal_conv1d",
     "causal_conv1d_update",
     "describe_backends",
+    "gla_scan",
+    "gla_state_update",
     "selective_scan",
     "selective_state_update",
     "ssd_scan",

@@ -119,6 +119,18 @@ REGISTRY: dict[str, list[Backend]] = {
         _b("triton", "conv1d.triton_conv:causal_conv1d", _triton_ok),
         _b("cuda", "conv1d.cuda:causal_conv1d", _cuda_with("causal_conv1d")),
     ],
+    # gated linear attention (GLA, retention): chunked matmul form is the fast CPU path
+    "gla_scan": [
+        _b("naive", "gla.naive:gla_recurrent", _ANY),
+        _b("torch", "gla.chunked:gla_chunk", _ANY),
+        _b("cpu", "gla.chunked:gla_chunk", _CPU_ONLY),
+        _b("triton", "gla.triton_gla:gla_chunk", _triton_ok),
+    ],
+    "gla_state_update": [
+        _b("naive", "gla.naive:gla_state_update", _ANY),
+        _b("torch", "gla.naive:gla_state_update", _ANY),
+        _b("cpu", "gla.naive:gla_state_update", _CPU_ONLY),
+    ],
     "causal_conv1d_update": [
         _b("naive", "conv1d.naive:causal_conv1d_update", _ANY),
         _b("torch", "conv1d.naive:causal_conv1d_update", _ANY),

@@ -49,3 +49,16 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     """One conv decode step. x: (Bt, d); conv_state: (Bt, d, k-1).
     Returns (y (Bt, d), new_conv_state (Bt, d, k-1)); the input state is not modified."""
     return get_impl("causal_conv1d_update", x)(x, conv_state, weight, bias, activation)
+
+
+def gla_scan(q, k, v, g, scale=None, chunk_size=64, initial_state=None, return_final_state=False):
+    """Gated linear attention (GLA; retention with a per-head g). q, k: (Bt, L, H, K); v: (Bt, L, H, V);
+    g: (Bt, L, H, K) or (Bt, L, H, 1) log decay <= 0; scale: q's scale (None -> K**-0.5);
+    initial_state: (Bt, H, K, V). Returns o (Bt, L, H, V) in q's dtype [, final state (Bt, H, K, V) fp32]."""
+    return get_impl("gla_scan", q)(q, k, v, g, scale, chunk_size, initial_state, return_final_state)
+
+
+def gla_state_update(state, q, k, v, g, scale=None):
+    """One GLA / retention decode step. state: (Bt, H, K, V) fp32; q, k: (Bt, H, K); v: (Bt, H, V);
+    g: (Bt, H, K or 1). Returns (o (Bt, H, V), new state fp32); the input state is not modified."""
+    return get_impl("gla_state_update", q)(state, q, k, v, g, scale)

@@ -79,6 +79,76 @@ class Mamba2Config(_SSMConfig):
         return out
 
 
+FORMS = ("chunk", "parallel", "recurrent")
+
+
+@dataclass
+class RetentionConfig:
+    """Multi-scale retention (RetNet). Heads and head_dim are the model's attention ones (n_heads,
+    n_kv_heads, head_dim, rotary_pct, rope_theta), so a donor's Q/K/V/O fit (transfer attn-init),
+    unless `n_heads` is set: then the attention width n_heads * head_dim is split into that many
+    heads (no GQA), e.g. the paper's RetNet-410m, 4 heads of 256, beside Pythia's 16-head attention.
+
+    Decay per head h of H: gamma_h = 1 - 2**(-decay_base - h * decay_span / max(H - 1, 1)) when
+    decay_span is set, else torchscale's 1 - 2**(-decay_base - h)."""
+
+    # 'chunk' (training, any length; kernels' gla_scan), 'parallel' (quadratic, short
+    # sequences), 'recurrent' (step by step: a reference). All three compute the same function.
+    form: str = "chunk"
+    chunk_size: int = 64
+    n_heads: Optional[int] = None
+    decay_base: float = 5.0
+    decay_span: Optional[float] = None
+    # swish output gate g_proj (D -> H*hd), as RetNet
+    gate: bool = True
+    norm_eps: float = 1e-5
+
+    def check(self, width: int) -> Problems:
+        out: Problems = []
+        if self.n_heads is not None and (self.n_heads < 1 or width % self.n_heads):
+            out.append(("n_heads", f"{self.n_heads} heads do not divide the attention width {width}"))
+        if self.form not in FORMS:
+            out.append(("form", f"'{self.form}' is not one of {', '.join(FORMS)}"))
+        if self.chunk_size < 1:
+            out.append(("chunk_size", "must be >= 1"))
+        if self.decay_base <= 0 or (self.decay_span is not None and self.decay_span < 0):
+            out.append(("decay_base", "need decay_base > 0 and decay_span >= 0 (gamma in (0, 1))"))
+        if self.norm_eps <= 0:
+            out.append(("norm_eps", "must be > 0"))
+        return out
+
+
+@dataclass
+class GLAConfig:
+    """Gated linear attention (Yang et al. 2023; flash-linear-attention's GatedLinearAttention) on
+    the model's attention heads (n_heads, n_kv_heads, head_dim), no positional encoding."""
+
+    form: str = "chunk"
+    # null: the model's attention heads; else this many heads over the attention width (no GQA)
+    n_heads: Optional[int] = None
+    # the chunked form holds a (C, C, head_dim) decay tensor per chunk: keep C small
+    chunk_size: int = 16
+    # forget gate gk = logsigmoid(W2 W1 x + b) / gate_logit_normalizer, W1: (rank, D)
+    gate_low_rank_dim: int = 16
+    gate_logit_normalizer: float = 16.0
+    norm_eps: float = 1e-5
+
+    def check(self, width: int) -> Problems:
+        out: Problems = []
+        if self.n_heads is not None and (self.n_heads < 1 or width % self.n_heads):
+            out.append(("n_heads", f"{self.n_heads} heads do not divide the attention width {width}"))
+        if self.form not in FORMS:
+            out.append(("form", f"'{self.form}' is not one of {', '.join(FORMS)}"))
+        for k in ("chunk_size", "gate_low_rank_dim"):
+            if getattr(self, k) < 1:
+                out.append((k, "must be >= 1"))
+        if self.gate_logit_normalizer <= 0:
+            out.append(("gate_logit_normalizer", "must be > 0"))
+        if self.norm_eps <= 0:
+            out.append(("norm_eps", "must be > 0"))
+        return out
+
+
 @dataclass
 class ModelConfig:
     """The XATL decoder: each layer is norm -> mixer -> residual, norm -> MLP -> residual."""
@@ -111,6 +181,8 @@ class ModelConfig:
     max_seq_len: int = 2048
     mamba: MambaConfig = field(default_factory=MambaConfig)
     mamba2: Mamba2Config = field(default_factory=Mamba2Config)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    gla: GLAConfig = field(default_factory=GLAConfig)
     init_std: float = 0.02
 
     # ---- derived values, one home each -------------------------------------------------
@@ -125,6 +197,12 @@ class ModelConfig:
     @property
     def attn_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    def lin_attn_heads(self, n_heads: Optional[int]) -> tuple[int, int, int]:
+        """(heads, KV heads, head_dim) of a retention / GLA mixer whose config sets `n_heads` (or None)."""
+        if n_heads is None:
+            return self.n_heads, self.kv_heads, self.attn_head_dim
+        return n_heads, n_heads, self.n_heads * self.attn_head_dim // n_heads
 
     @property
     def padded_vocab_size(self) -> int:
@@ -160,6 +238,14 @@ class ModelConfig:
             out += [(f"mamba.{k}", r) for k, r in self.mamba.check(self.d_model)]
         if "S" in symbols:
             out += [(f"mamba2.{k}", r) for k, r in self.mamba2.check(self.d_model)]
+        if "R" in symbols:
+            out += [(f"retention.{k}", r) for k, r in self.retention.check(self.n_heads * self.attn_head_dim)]
+            rhd = self.lin_attn_heads(self.retention.n_heads)[2]
+            if not out and int(rhd * self.rotary_pct) % 2:
+                out.append(("retention.n_heads",
+                            f"rotary dims {int(rhd * self.rotary_pct)} of a retention head must be even"))
+        if "G" in symbols:
+            out += [(f"gla.{k}", r) for k, r in self.gla.check(self.n_heads * self.attn_head_dim)]
         return out
 
 

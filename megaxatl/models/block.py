@@ -11,10 +11,12 @@ from torch import nn
 
 from megaxatl.config.schema import ModelConfig
 from megaxatl.models.attention import Attention
+from megaxatl.models.gla import GLA
 from megaxatl.models.mamba import Mamba
 from megaxatl.models.mamba2 import Mamba2
 from megaxatl.models.mlp import MLP
 from megaxatl.models.norms import make_norm
+from megaxatl.models.retention import Retention
 from megaxatl.config.pattern import MIXERS
 
 
@@ -31,6 +33,15 @@ def make_mixer(symbol: str, cfg: ModelConfig) -> nn.Module:
         m = cfg.mamba2
         return Mamba2(cfg.d_model, m.d_state, m.d_conv, m.expand, m.head_dim, m.n_groups, m.chunk_size,
                       m.dt_min, m.dt_max, m.dt_init_floor, m.conv_bias, m.proj_bias)
+    if kind == "retention":
+        r = cfg.retention
+        return Retention(cfg.d_model, *cfg.lin_attn_heads(r.n_heads), cfg.rotary_pct, cfg.rope_theta,
+                         cfg.qkv_bias, cfg.attn_out_bias, r.form, r.chunk_size, r.decay_base, r.decay_span, r.gate,
+                         r.norm_eps)
+    if kind == "gla":
+        g = cfg.gla
+        return GLA(cfg.d_model, *cfg.lin_attn_heads(g.n_heads), cfg.qkv_bias, cfg.attn_out_bias,
+                   g.form, g.chunk_size, g.gate_low_rank_dim, g.gate_logit_normalizer, g.norm_eps)
     raise NotImplementedError(f"mixer '{kind}' (pattern symbol '{symbol}') is not implemented yet")
 
 

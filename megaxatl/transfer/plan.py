@@ -13,7 +13,12 @@ What each mode copies (the paper's three, plus MambaInLlama-style `attn-init`):
     MLP                                  x                x                 x
     W_O -> mixer out_proj                                 x                 x
     V->x, K->B, Q->C                                                        x
+    Q,K,V -> retention / GLA q,k,v_proj                                      x
     attention layers     all of the donor layer's attention weights, in every mode
+
+Retention (`R`) and GLA (`G`) mixers are shaped as the donor's attention: W_O goes whole into their
+o_proj, and attn-init copies Q/K/V whole (the paper's "full" copy); their g_proj / gk_proj /
+g_norm are always fresh.
 """
 
 from __future__ import annotations
@@ -92,7 +97,13 @@ def check_compatible(spec, cfg: ModelConfig, mode: str) -> list[str]:
         need(cfg.mlp == spec.mlp, "MLP", f"model.mlp={cfg.mlp!r}", repr(spec.mlp))
         need(cfg.d_mlp == spec.d_mlp, "MLP width", f"model.d_mlp={cfg.d_mlp}", spec.d_mlp)
         need(cfg.mlp_bias == spec.mlp_bias, "MLP bias", f"model.mlp_bias={cfg.mlp_bias}", spec.mlp_bias)
-    if "*" in symbols:
+    lin_attn = bool({"R", "G"} & set(symbols)) and mode in COPIES_OPROJ
+    if lin_attn:
+        need(cfg.n_heads * cfg.attn_head_dim == spec.n_heads * spec.head_dim, "n_heads * head_dim (W_O -> o_proj)",
+             f"model.n_heads * head_dim={cfg.n_heads * cfg.attn_head_dim}", spec.n_heads * spec.head_dim)
+        need(cfg.attn_out_bias == spec.attn_out_bias, "output-projection bias",
+             f"model.attn_out_bias={cfg.attn_out_bias}", spec.attn_out_bias)
+    if "*" in symbols or (lin_attn and mode == "attn-init"):
         need(cfg.n_heads == spec.n_heads, "n_heads", f"model.n_heads={cfg.n_heads}", spec.n_heads)
         need(cfg.kv_heads == spec.n_kv_heads, "KV heads", f"model.n_kv_heads={cfg.kv_heads}", spec.n_kv_heads)
         need(cfg.attn_head_dim == spec.head_dim, "head_dim", f"model.head_dim={cfg.attn_head_dim}", spec.head_dim)
@@ -100,9 +111,16 @@ def check_compatible(spec, cfg: ModelConfig, mode: str) -> list[str]:
         need(cfg.attn_out_bias == spec.attn_out_bias, "output-projection bias",
              f"model.attn_out_bias={cfg.attn_out_bias}", spec.attn_out_bias)
     warnings = []
-    if "*" in symbols and (cfg.rotary_pct != spec.rotary_pct or cfg.rope_theta != spec.rope_theta):
-        warnings.append(f"attention layers use rotary_pct={cfg.rotary_pct}, rope_theta={cfg.rope_theta} but the donor "
+    rotates_qk = "*" in symbols or ("R" in symbols and mode == "attn-init")
+    if rotates_qk and (cfg.rotary_pct != spec.rotary_pct or cfg.rope_theta != spec.rope_theta):
+        warnings.append(f"attention / retention layers use rotary_pct={cfg.rotary_pct}, rope_theta={cfg.rope_theta} "
+                        "but the donor "
                         f"was trained with {spec.rotary_pct}, {spec.rope_theta}")
+    if mode == "attn-init":
+        for sym, sub in (("R", cfg.retention), ("G", cfg.gla)):
+            if sym in symbols and sub.n_heads not in (None, spec.n_heads):
+                warnings.append(f"attn-init copies the donor's {spec.n_heads}-head Q/K/V into {sub.n_heads} "
+                                f"{MIXERS[sym]} heads: same shapes, regrouped heads")
     if cfg.parallel_residual != spec.parallel_residual:
         warnings.append(f"model.parallel_residual={cfg.parallel_residual} differs from the donor's {spec.parallel_residual}")
     if cfg.norm_eps != spec.norm_eps:
@@ -132,6 +150,17 @@ def _mixer_copies(i: int, j: int, symbol: str, spec, cfg: ModelConfig, mode: str
             bias = spec.attn_out_bias if name == "o_proj" else spec.qkv_bias
             if bias:
                 out.append(Copy(f"{tgt}.{name}.bias", f"{src}.{name}.bias", "attention"))
+        return out
+    if kind in ("retention", "gla"):
+        if mode in COPIES_OPROJ:
+            out.append(Copy(f"{tgt}.o_proj.weight", f"{src}.o_proj.weight", "oproj"))
+            if spec.attn_out_bias:
+                out.append(Copy(f"{tgt}.o_proj.bias", f"{src}.o_proj.bias", "oproj"))
+        if mode == "attn-init":
+            for name in ("q_proj", "k_proj", "v_proj"):
+                out.append(Copy(f"{tgt}.{name}.weight", f"{src}.{name}.weight", "attn-init"))
+                if spec.qkv_bias:
+                    out.append(Copy(f"{tgt}.{name}.bias", f"{src}.{name}.bias", "attn-init"))
         return out
     if kind not in ("mamba", "mamba2"):
         raise TransferError(f"layer {i}: transfer into '{kind}' mixers is not supported yet")
@@ -217,11 +246,12 @@ def make_plan(spec, cfg: ModelConfig, target_shapes: dict[str, tuple], donor_key
         if c.source not in keys:
             raise TransferError(f"target {c.target} needs donor tensor {c.source}, which the donor does not have")
     used = {c.source for c in copies}
-    dropped = {k: _drop_reason(k, mode, lmap, spec) for k in donor_keys if k not in used}
+    lin_attn_src = {j for s, j in zip(symbols, lmap) if s in ("R", "G")}
+    dropped = {k: _drop_reason(k, mode, lmap, spec, lin_attn_src) for k in donor_keys if k not in used}
     return Plan(mode, lmap, copies, dropped, warnings)
 
 
-def _drop_reason(key: str, mode: str, lmap: list[int], spec) -> str:
+def _drop_reason(key: str, mode: str, lmap: list[int], spec, lin_attn_src: set[int] = frozenset()) -> str:
     if key == "pos_embed.weight":
         return "learned position embedding: the target has no absolute positions"
     if key == "lm_head.weight":
@@ -234,6 +264,8 @@ def _drop_reason(key: str, mode: str, lmap: list[int], spec) -> str:
     if ".mixer." in key:
         if key.endswith(("o_proj.weight", "o_proj.bias")) and mode not in COPIES_OPROJ:
             return f"mode '{mode}' does not copy W_O"
+        if int(parts[1]) in lin_attn_src and mode != "attn-init":
+            return f"mode '{mode}' does not copy Q/K/V into retention / GLA (attn-init does)"
         return "attention projection with no counterpart in the target's mixer"
     if ".norm2." in key:
         return "the target block has no second norm (no MLP)"
