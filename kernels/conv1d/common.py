@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
+
 ACTIVATIONS = (None, "silu", "swish")  # swish == silu (causal-conv1d accepts both names)
 
 
@@ -39,9 +42,6 @@ def check_update_args(x, conv_state, weight, bias=None, activation=None) -> None
 
 def with_history(x, initial_state, k: int):
     """(Bt, d, L) -> (Bt, d, k-1+L): the k-1 previous inputs (initial_state, or zeros) then x."""
-    import torch
-    import torch.nn.functional as F
-
     if initial_state is None:
         return F.pad(x, (k - 1, 0))
     return torch.cat([initial_state.to(x.dtype), x], dim=-1)

@@ -34,9 +34,11 @@ def check_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_
         raise ValueError(f"selective_scan: A must be (d={d}, n), got {tuple(A.shape)}")
     n = A.shape[1]
     for name, t in (("B", B), ("C", C)):
-        ok = (t.dim() == 3 and t.shape == (bsz, n, L)) or (t.dim() == 4 and t.shape[0] == bsz and t.shape[2:] == (n, L))
+        ok = (t.dim() == 3 and t.shape == (bsz, n, L)) or (
+            t.dim() == 4 and t.shape[0] == bsz and t.shape[2:] == (n, L))
         if not ok:
-            raise ValueError(f"selective_scan: {name} must be ({bsz}, {n}, {L}) or ({bsz}, g, {n}, {L}), got {tuple(t.shape)}")
+            raise ValueError(f"selective_scan: {name} must be ({bsz}, {n}, {L}) or ({bsz}, g, {n}, {L}), "
+                             f"got {tuple(t.shape)}")
     g = B.shape[1] if B.dim() == 4 else 1
     if C.dim() != B.dim() or (C.dim() == 4 and C.shape[1] != g):
         raise ValueError("selective_scan: B and C must have the same grouping")

@@ -16,7 +16,8 @@ def check_ssd_args(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, ini
     if A.shape != (H,):
         raise ValueError(f"ssd_scan: A must be ({H},), got {tuple(A.shape)}")
     if B.dim() != 4 or B.shape[:2] != (bsz, L) or C.shape != B.shape:
-        raise ValueError(f"ssd_scan: B and C must both be ({bsz}, {L}, groups, n), got {tuple(B.shape)}, {tuple(C.shape)}")
+        raise ValueError(f"ssd_scan: B and C must both be ({bsz}, {L}, groups, n), "
+                         f"got {tuple(B.shape)}, {tuple(C.shape)}")
     G, N = B.shape[2], B.shape[3]
     if H % G:
         raise ValueError(f"ssd_scan: heads={H} is not a multiple of groups={G}")
