@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+
+from megaxatl.eval.metrics import nll_sums, summarize
 
 
 @torch.no_grad()
@@ -26,20 +25,18 @@ def evaluate(engine, loader, max_batches: int, bytes_per_token: float | None, de
                 break
             labels = batch["labels"].to(device)
             logits = engine(batch["input_ids"].to(device))
-            nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-            totals[0] += float(nll)
-            totals[1] += float((labels != -100).sum())
+            nll, count = nll_sums(logits, labels)
+            totals[0] += nll
+            totals[1] += count
             if "num_bytes" in batch:
                 totals[2] += float(torch.as_tensor(batch["num_bytes"]).sum())
     finally:
         engine.train(was_training)
     dist.all_reduce(totals)
     nll, tokens, nbytes = totals.tolist()
-    if tokens == 0:
-        return None
     if nbytes == 0 and bytes_per_token:
         nbytes = tokens * bytes_per_token
-    loss = nll / tokens
-    out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_tokens": int(tokens)}
-    out["val_bpb"] = nll / math.log(2) / nbytes if nbytes > 0 else float("nan")
-    return out
+    m = summarize(nll, tokens, nbytes)
+    if m is None:
+        return None
+    return {"val_loss": m["loss"], "val_ppl": m["ppl"], "val_tokens": m["tokens"], "val_bpb": m["bpb"]}
