@@ -22,8 +22,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
              "XATL vs scratch on a real donor and real text, a few minutes on CPU"),
     "prepare-data": ("megaxatl.data.cli", "add_prepare_data_args", "run_prepare_data",
                      "tokenize and pack text into webdataset shards with a manifest"),
+    "eval": ("megaxatl.eval.eval_cli", "add_eval_args", "run_eval",
+             "loss, perplexity and bits per byte of a model folder on held-out data"),
     "generate": ("megaxatl.eval.generate_cli", "add_generate_args", "run_generate",
                  "generate text from a model folder with recurrent decoding"),
+    "plan": ("megaxatl.cluster.plan", "add_plan_args", "run_plan",
+             "per-GPU memory and step time of each TP x PP x DP x ZeRO layout that fits"),
 }
 
 

@@ -16,6 +16,9 @@ Atomicity: every rank writes into `.tmp-<tag>`; after a barrier rank 0 fsyncs it
 `<tag>` and only then replaces `latest` (write a temp file + os.replace), then prunes to keep_last.
 A crash at any point leaves `latest` naming a complete checkpoint. Needs a filesystem all ranks
 share (one node, or a cluster filesystem), as DeepSpeed's own checkpointing does.
+
+A damaged checkpoint (a truncated or corrupt `.pt` file, a bad megaxatl.json) is a
+CheckpointError (a ValueError) naming the file, raised when loading; nothing falls back silently.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ import torch.distributed as dist
 META = "megaxatl.json"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(ValueError):
+    """A damaged training checkpoint; the message names the file."""
 
 
 def tag_for(step: int) -> str:
@@ -71,6 +78,43 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def read_meta(path: Path) -> dict:
+    """Checkpoint folder `path` -> its megaxatl.json."""
+    f = Path(path) / META
+    try:
+        return json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: corrupt checkpoint metadata ({e}); {_advice(Path(path))}") from None
+
+
+def _advice(path: Path) -> str:
+    return (f"move {path.name} aside (or write an earlier tag into {path.parent / LATEST}) "
+            "to resume from an earlier checkpoint")
+
+
+def _corrupt_file(path: Path) -> Path | None:
+    """The first `.pt` file of a checkpoint folder that is not a whole zip archive (torch.save's
+    format: a truncated or overwritten file fails here), or None."""
+    import zipfile
+
+    for f in sorted(Path(path).glob("*.pt")):
+        try:
+            with zipfile.ZipFile(f) as z:
+                if z.testzip() is not None:
+                    return f
+        except (zipfile.BadZipFile, OSError, EOFError):
+            return f
+    return None
+
+
+def _damaged(path: Path, err: BaseException, file: Path | None = None) -> CheckpointError | None:
+    bad = file if file is not None else _corrupt_file(path)
+    if bad is None:
+        return None
+    first = (str(err).strip().splitlines() or [""])[0]
+    return CheckpointError(f"{bad}: corrupt checkpoint file ({type(err).__name__}: {first}); {_advice(path)}")
 
 
 def is_complete(path: Path) -> bool:
@@ -147,21 +191,27 @@ def prune(root: Path, keep_last: int, protect: str) -> None:
 def load(engine, path: Path, world_size: int, zero_stage: int) -> tuple[dict, dict]:
     """Collective. Restore the engine from checkpoint `path`; -> (our meta, this rank's state)."""
     path = Path(path)
-    meta = json.loads((path / META).read_text())
+    meta = read_meta(path)
     saved_world = meta.get("world_size", world_size)
     if saved_world != world_size and zero_stage > 0:
         raise RuntimeError(
             f"{path}: written by {saved_world} data-parallel ranks, now {world_size}: ZeRO partitions "
             f"are per rank; resume with {saved_world} ranks or convert it with DeepSpeed's ds_to_universal")
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    try:
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+    except Exception as e:  # DeepSpeed's message names no file: find the damaged one
+        raise (_damaged(path, e) or e) from e
     if load_path is None:
         raise RuntimeError(f"{path}: DeepSpeed could not load this checkpoint")
     rank = dist.get_rank()
     rank_file = path / f"megaxatl_rank{rank}.pt"
     if not rank_file.is_file():  # fewer ranks saved (ZeRO-0 resumed wider): rank 0's data position
         rank_file = path / "megaxatl_rank0.pt"
-    rank_state = torch.load(rank_file, weights_only=True)
+    try:
+        rank_state = torch.load(rank_file, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise _damaged(path, e, rank_file) from e
     return meta, rank_state
 
 

@@ -92,6 +92,14 @@ def _fmt_rate(x: float) -> str:
     return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
 
 
+def _parse(line: str) -> dict | None:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
 class Metrics:
     """Rank-0 sink for training records. Other ranks get a no-op object (`enabled` False)."""
 
@@ -107,8 +115,9 @@ class Metrics:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step and self.path.exists():
             # Drop records past the checkpoint we resume from: those steps are about to be redone.
+            # A process killed mid-write (kill -9, a node lost) can leave a torn last line: drop it.
             keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                    if (rec := _parse(line)) is not None and rec.get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in keep))
         self._file = open(self.path, "a", buffering=1)
         mode = wandb_mode(cfg)

@@ -80,7 +80,10 @@ class _StopSignal:
         return self
 
     def _handle(self, signum, frame):
-        if self.flag:  # a second signal: give up at once
+        # A second Ctrl-C gives up at once. A repeated SIGTERM does not: under SLURM every process
+        # of a job step gets it and then the launcher (deepspeed's launch.py, torchrun) forwards
+        # it to its ranks again, and the checkpoint must still be written.
+        if self.flag and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.flag = True
 
@@ -151,7 +154,7 @@ class Trainer:
             (self.out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
         dist.barrier()
         latest = ckpt.find_latest(self.ckpt_root) if t.resume else None
-        saved = json.loads((latest / ckpt.META).read_text()) if latest else None
+        saved = ckpt.read_meta(latest) if latest else None
         if saved and saved["config"]["model"] != config_to_dict(cfg)["model"]:
             raise ConfigError(source, "model", f"differs from the model of the checkpoint being resumed ({latest}); "
                                                "use another train.out_dir or train.resume false")
