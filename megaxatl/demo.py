@@ -59,6 +59,14 @@ def plot(curves: dict[str, list[dict]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    plot_into(ax, curves, title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_into(ax, curves: dict[str, list[dict]], title: str) -> None:
+    """Draw validation-loss curves into one matplotlib axes (plot() is one figure of one axes)."""
     for name, recs in curves.items():
         ax.plot([r["step"] for r in recs], [r["val_loss"] for r in recs], marker="o", label=name)
     # a transferred model can start far above log(vocab) (confident logits through fresh mixers)
@@ -67,16 +75,13 @@ def plot(curves: dict[str, list[dict]], path: Path, title: str) -> None:
     off = [f"{name.split()[0]} {r['val_loss']:.1f} at step {r['step']}"
            for name, recs in curves.items() for r in recs if r["val_loss"] > top]
     if off:
-        ax.text(0.98, 0.70, "off scale: " + ", ".join(off), transform=ax.transAxes, ha="right", fontsize=8)
+        ax.text(0.98, 0.70, "off scale:\n" + "\n".join(off), transform=ax.transAxes, ha="right", va="top", fontsize=7)
     ax.set_ylim(top=top)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def run_demo(args) -> int:
