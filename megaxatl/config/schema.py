@@ -16,6 +16,11 @@ from megaxatl.config.pattern import parse_pattern
 Problems = list[tuple[str, str]]
 
 
+def at_least(obj, keys: tuple[str, ...], lo: int = 1) -> Problems:
+    """(key, reason) for each of `keys` whose value on `obj` is below `lo`."""
+    return [(k, f"must be >= {lo}, got {getattr(obj, k)}") for k in keys if getattr(obj, k) < lo]
+
+
 @dataclass
 class _SSMConfig:
     """What Mamba-1 and Mamba-2 mixers share: width, conv, dt initialisation, biases."""
@@ -36,9 +41,7 @@ class _SSMConfig:
             out.append(("expand", f"expand * d_model = {d_inner} is not a whole number of channels"))
         if not 0 < self.dt_min <= self.dt_max:
             out.append(("dt_min", f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}"))
-        for k in ("d_state", "d_conv"):
-            if getattr(self, k) < 1:
-                out.append((k, "must be >= 1"))
+        out += at_least(self, ("d_state", "d_conv"))
         return out
 
 
@@ -139,9 +142,7 @@ class GLAConfig:
             out.append(("n_heads", f"{self.n_heads} heads do not divide the attention width {width}"))
         if self.form not in FORMS:
             out.append(("form", f"'{self.form}' is not one of {', '.join(FORMS)}"))
-        for k in ("chunk_size", "gate_low_rank_dim"):
-            if getattr(self, k) < 1:
-                out.append((k, "must be >= 1"))
+        out += at_least(self, ("chunk_size", "gate_low_rank_dim"))
         if self.gate_logit_normalizer <= 0:
             out.append(("gate_logit_normalizer", "must be > 0"))
         if self.norm_eps <= 0:
@@ -211,9 +212,7 @@ class ModelConfig:
 
     def check(self) -> Problems:
         out: Problems = []
-        for k in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "pad_vocab_multiple"):
-            if getattr(self, k) < 1:
-                out.append((k, f"must be >= 1, got {getattr(self, k)}"))
+        out += at_least(self, ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "pad_vocab_multiple"))
         if out:
             return out
         try:
@@ -312,9 +311,7 @@ class ParallelConfig:
 
     def check(self) -> Problems:
         out: Problems = []
-        for k in ("tp", "pp", "micro_batches"):
-            if getattr(self, k) < 1:
-                out.append((k, "must be >= 1"))
+        out += at_least(self, ("tp", "pp", "micro_batches"))
         if self.zero_stage not in (0, 1, 2, 3):
             out.append(("zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}"))
         if self.pp > 1 and self.zero_stage > 1:
@@ -336,9 +333,7 @@ class DataConfig:
 
     def check(self) -> Problems:
         out: Problems = []
-        for k in ("seq_len", "micro_batch_size"):
-            if getattr(self, k) < 1:
-                out.append((k, "must be >= 1"))
+        out += at_least(self, ("seq_len", "micro_batch_size"))
         if self.num_workers < 0:
             out.append(("num_workers", "must be >= 0"))
         return out
@@ -383,9 +378,8 @@ class TrainConfig:
             out.append(("warmup_steps", "must be >= 0"))
         if not all(0 <= b < 1 for b in self.betas):
             out.append(("betas", f"each must be in [0, 1), got {list(self.betas)}"))
-        for k in ("grad_accum", "eval_interval", "eval_steps", "save_interval", "keep_last", "max_bad_steps"):
-            if getattr(self, k) < 1:
-                out.append((k, "must be >= 1"))
+        out += at_least(self, ("grad_accum", "eval_interval", "eval_steps", "save_interval", "keep_last",
+                               "max_bad_steps"))
         if self.grad_clip < 0:
             out.append(("grad_clip", "must be >= 0 (0 disables clipping)"))
         return out
