@@ -86,7 +86,31 @@ FORMS = ("chunk", "parallel", "recurrent")
 
 
 @dataclass
-class RetentionConfig:
+class _LinearAttnConfig:
+    """What the retention and GLA mixers share: the form, the head split, the chunk, the norm."""
+
+    # 'chunk' (training, any length; kernels' gla_scan), 'parallel' (quadratic, short
+    # sequences), 'recurrent' (step by step: a reference). All three compute the same function.
+    form: str = "chunk"
+    # null: the model's attention heads; else this many heads over the attention width (no GQA)
+    n_heads: Optional[int] = None
+    chunk_size: int = 64
+    norm_eps: float = 1e-5
+
+    def check(self, width: int) -> Problems:
+        out: Problems = []
+        if self.n_heads is not None and (self.n_heads < 1 or width % self.n_heads):
+            out.append(("n_heads", f"{self.n_heads} heads do not divide the attention width {width}"))
+        if self.form not in FORMS:
+            out.append(("form", f"'{self.form}' is not one of {', '.join(FORMS)}"))
+        out += at_least(self, ("chunk_size",))
+        if self.norm_eps <= 0:
+            out.append(("norm_eps", "must be > 0"))
+        return out
+
+
+@dataclass
+class RetentionConfig(_LinearAttnConfig):
     """Multi-scale retention (RetNet). Heads and head_dim are the model's attention ones (n_heads,
     n_kv_heads, head_dim, rotary_pct, rope_theta), so a donor's Q/K/V/O fit (transfer attn-init),
     unless `n_heads` is set: then the attention width n_heads * head_dim is split into that many
@@ -95,58 +119,33 @@ class RetentionConfig:
     Decay per head h of H: gamma_h = 1 - 2**(-decay_base - h * decay_span / max(H - 1, 1)) when
     decay_span is set, else torchscale's 1 - 2**(-decay_base - h)."""
 
-    # 'chunk' (training, any length; kernels' gla_scan), 'parallel' (quadratic, short
-    # sequences), 'recurrent' (step by step: a reference). All three compute the same function.
-    form: str = "chunk"
-    chunk_size: int = 64
-    n_heads: Optional[int] = None
     decay_base: float = 5.0
     decay_span: Optional[float] = None
     # swish output gate g_proj (D -> H*hd), as RetNet
     gate: bool = True
-    norm_eps: float = 1e-5
 
     def check(self, width: int) -> Problems:
-        out: Problems = []
-        if self.n_heads is not None and (self.n_heads < 1 or width % self.n_heads):
-            out.append(("n_heads", f"{self.n_heads} heads do not divide the attention width {width}"))
-        if self.form not in FORMS:
-            out.append(("form", f"'{self.form}' is not one of {', '.join(FORMS)}"))
-        if self.chunk_size < 1:
-            out.append(("chunk_size", "must be >= 1"))
+        out = super().check(width)
         if self.decay_base <= 0 or (self.decay_span is not None and self.decay_span < 0):
             out.append(("decay_base", "need decay_base > 0 and decay_span >= 0 (gamma in (0, 1))"))
-        if self.norm_eps <= 0:
-            out.append(("norm_eps", "must be > 0"))
         return out
 
 
 @dataclass
-class GLAConfig:
+class GLAConfig(_LinearAttnConfig):
     """Gated linear attention (Yang et al. 2023; flash-linear-attention's GatedLinearAttention) on
     the model's attention heads (n_heads, n_kv_heads, head_dim), no positional encoding."""
 
-    form: str = "chunk"
-    # null: the model's attention heads; else this many heads over the attention width (no GQA)
-    n_heads: Optional[int] = None
     # the chunked form holds a (C, C, head_dim) decay tensor per chunk: keep C small
     chunk_size: int = 16
     # forget gate gk = logsigmoid(W2 W1 x + b) / gate_logit_normalizer, W1: (rank, D)
     gate_low_rank_dim: int = 16
     gate_logit_normalizer: float = 16.0
-    norm_eps: float = 1e-5
 
     def check(self, width: int) -> Problems:
-        out: Problems = []
-        if self.n_heads is not None and (self.n_heads < 1 or width % self.n_heads):
-            out.append(("n_heads", f"{self.n_heads} heads do not divide the attention width {width}"))
-        if self.form not in FORMS:
-            out.append(("form", f"'{self.form}' is not one of {', '.join(FORMS)}"))
-        out += at_least(self, ("chunk_size", "gate_low_rank_dim"))
+        out = super().check(width) + at_least(self, ("gate_low_rank_dim",))
         if self.gate_logit_normalizer <= 0:
             out.append(("gate_logit_normalizer", "must be > 0"))
-        if self.norm_eps <= 0:
-            out.append(("norm_eps", "must be > 0"))
         return out
 
 

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megaxatl.models.linear_attn import LinearAttnCache, repeat_kv, run_form
+from megaxatl.models.linear_attn import LinearAttnCache, LinearAttnMixer, repeat_kv, run_form
 from megaxatl.models.params import mark_no_decay
 
 
-class GLA(nn.Module):
+class GLA(LinearAttnMixer):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, qkv_bias: bool = False,
                  out_bias: bool = False, form: str = "chunk", chunk_size: int = 16, gate_low_rank_dim: int = 16,
                  gate_logit_normalizer: float = 16.0, norm_eps: float = 1e-5):
@@ -38,10 +38,6 @@ class GLA(nn.Module):
         self.g_norm = nn.Module()
         self.g_norm.weight = mark_no_decay(nn.Parameter(torch.ones(head_dim)))
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=out_bias)
-
-    def empty_cache(self, batch: int, device, dtype) -> LinearAttnCache:
-        hd = self.head_dim
-        return LinearAttnCache(torch.zeros(batch, self.n_heads, hd, hd, device=device, dtype=torch.float32), 0)
 
     def forward(self, x: torch.Tensor, cache: LinearAttnCache | None = None):
         """x: (B, L, D) -> (B, L, D). With `cache`, x continues the cached sequence."""

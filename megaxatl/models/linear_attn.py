@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from megaxatl.kernels import gla_scan, gla_state_update
 from megaxatl.kernels.gla.naive import gla_parallel, gla_recurrent
@@ -26,6 +27,17 @@ class LinearAttnCache:
 
     state: torch.Tensor
     pos: int = 0
+
+
+class LinearAttnMixer(nn.Module):
+    """Base of the retention and GLA mixers: set n_heads and head_dim; the cache is one state."""
+
+    n_heads: int
+    head_dim: int
+
+    def empty_cache(self, batch: int, device, dtype) -> LinearAttnCache:
+        hd = self.head_dim
+        return LinearAttnCache(torch.zeros(batch, self.n_heads, hd, hd, device=device, dtype=torch.float32), 0)
 
 
 def run_form(form: str, q, k, v, g, scale: float, chunk_size: int, cache: LinearAttnCache | None):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megaxatl.models.linear_attn import LinearAttnCache, repeat_kv, run_form
+from megaxatl.models.linear_attn import LinearAttnCache, LinearAttnMixer, repeat_kv, run_form
 from megaxatl.models.rotary import Rotary
 
 
@@ -32,7 +32,7 @@ def retention_log_decay(n_heads: int, base: float = 5.0, span: float | None = No
     return torch.log1p(-torch.exp2(-expo)).float()
 
 
-class Retention(nn.Module):
+class Retention(LinearAttnMixer):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, rotary_pct: float,
                  rope_theta: float, qkv_bias: bool = False, out_bias: bool = False, form: str = "chunk",
                  chunk_size: int = 64, decay_base: float = 5.0, decay_span: float | None = None,
@@ -50,10 +50,6 @@ class Retention(nn.Module):
 
     def log_decay(self, device=None) -> torch.Tensor:
         return retention_log_decay(self.n_heads, self.decay_base, self.decay_span, device)
-
-    def empty_cache(self, batch: int, device, dtype) -> LinearAttnCache:
-        hd = self.head_dim
-        return LinearAttnCache(torch.zeros(batch, self.n_heads, hd, hd, device=device, dtype=torch.float32), 0)
 
     def forward(self, x: torch.Tensor, cache: LinearAttnCache | None = None):
         """x: (B, L, D) -> (B, L, D). With `cache`, x continues the cached sequence."""
