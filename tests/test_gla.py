@@ -106,12 +106,8 @@ def _mixer_grads(mixer, x):
     return y.detach(), x.grad, grads
 
 
-@pytest.mark.parametrize("L,chunk,kv", [(63, 10, 4), (100, 16, 2)])
-def test_gla_mixer_forms_agree(L, chunk, kv):
-    mixer = GLA(32, 4, kv, 8, chunk_size=chunk, gate_low_rank_dim=4)
-    with torch.no_grad():  # a visible forget gate: bias spread so decays differ per dim
-        mixer.gk_proj[1].bias.normal_(0, 2)
-    x = torch.randn(2, L, 32)
+def assert_forms_agree(mixer, x):
+    """The parallel and chunk forms equal the recurrent one: output, input and every parameter grad."""
     results = {}
     for form in ("recurrent", "parallel", "chunk"):
         mixer.form = form
@@ -123,6 +119,14 @@ def test_gla_mixer_forms_agree(L, chunk, kv):
         assert_close(dx, rdx, TOL, f"{form} dx")
         for n in rg:
             assert_close(g[n], rg[n], TOL, f"{form} d{n}")
+
+
+@pytest.mark.parametrize("L,chunk,kv", [(63, 10, 4), (100, 16, 2)])
+def test_gla_mixer_forms_agree(L, chunk, kv):
+    mixer = GLA(32, 4, kv, 8, chunk_size=chunk, gate_low_rank_dim=4)
+    with torch.no_grad():  # a visible forget gate: bias spread so decays differ per dim
+        mixer.gk_proj[1].bias.normal_(0, 2)
+    assert_forms_agree(mixer, torch.randn(2, L, 32))
 
 
 def tiny_lm(pattern, **over):

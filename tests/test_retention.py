@@ -10,7 +10,7 @@ from megaxatl.config import config_from_dict
 from megaxatl.donors import open_donor
 from megaxatl.models.retention import Retention, retention_log_decay
 from megaxatl.transfer import from_donor, model_dict_from_donor
-from test_gla import _mixer_grads, decode_matches_forward, tiny_lm
+from test_gla import assert_forms_agree, decode_matches_forward, tiny_lm
 
 TOL = 1e-5
 
@@ -26,18 +26,7 @@ def test_decay_schedule_is_torchscale():
 def test_retention_forms_agree(L, chunk, kv):
     mixer = Retention(32, 4, kv, 8, rotary_pct=0.5, rope_theta=10000.0, qkv_bias=True, chunk_size=chunk,
                       decay_base=1.0)  # fast decays, so the decay is visible within the sequence
-    x = torch.randn(2, L, 32)
-    results = {}
-    for form in ("recurrent", "parallel", "chunk"):
-        mixer.form = form
-        results[form] = _mixer_grads(mixer, x)
-    ry, rdx, rg = results["recurrent"]
-    for form in ("parallel", "chunk"):
-        y, dx, g = results[form]
-        assert_close(y, ry, TOL, f"{form} y")
-        assert_close(dx, rdx, TOL, f"{form} dx")
-        for n in rg:
-            assert_close(g[n], rg[n], TOL, f"{form} d{n}")
+    assert_forms_agree(mixer, torch.randn(2, L, 32))
 
 
 def test_parallel_form_is_retnets_formula():
