@@ -92,7 +92,7 @@ def test_a_save_that_dies_half_way_leaves_the_previous_checkpoint(tmp_path, trai
                                        train__eval_interval=1000))
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    real_save, real_fsync = TorchCheckpointEngine.save, ckpt._fsync_tree
+    real_save, real_fsync = TorchCheckpointEngine.save, ckpt.fsync_tree
 
     def failing_writer(self, state_dict, path):  # the second checkpoint's first file: half written, then ENOSPC
         if "step_00000004" in str(path):
@@ -109,7 +109,7 @@ def test_a_save_that_dies_half_way_leaves_the_previous_checkpoint(tmp_path, trai
     if where == "deepspeed-writer":
         monkeypatch.setattr(TorchCheckpointEngine, "save", failing_writer)
     else:
-        monkeypatch.setattr(ckpt, "_fsync_tree", failing_fsync)
+        monkeypatch.setattr(ckpt, "fsync_tree", failing_fsync)
     with pytest.raises(OSError, match="No space left"):
         run(cfg)
     root = out / "checkpoints"

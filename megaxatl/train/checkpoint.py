@@ -33,33 +33,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megaxatl.checkpoint import CheckpointError
+from megaxatl.fsutil import fsync_dir, fsync_tree
+
 META = "megaxatl.json"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 
 
-class CheckpointError(ValueError):
-    """A damaged training checkpoint; the message names the file."""
-
-
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in root.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(root)
 
 
 def rng_state() -> dict:
@@ -160,7 +143,7 @@ def save(engine, root: Path, step: int, meta: dict, rank_state: dict, keep_last:
     dist.barrier()  # every rank's files are written
     if rank == 0:
         (tmp / META).write_text(json.dumps({**meta, "step": step, "tag": tag}, indent=1) + "\n")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         final = root / tag
         if final.exists():  # a re-run that reached the same step: replace the old one
             old = root / f"{TMP_PREFIX}old-{tag}"
@@ -169,13 +152,13 @@ def save(engine, root: Path, step: int, meta: dict, rank_state: dict, keep_last:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         pointer_tmp = root / f"{TMP_PREFIX}{LATEST}"
         pointer_tmp.write_text(tag + "\n")
         with open(pointer_tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(pointer_tmp, root / LATEST)
-        _fsync_dir(root)
+        fsync_dir(root)
         prune(root, keep_last, protect=tag)
     dist.barrier()
     return root / tag
