@@ -26,8 +26,14 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
              "loss, perplexity and bits per byte of a model folder on held-out data"),
     "generate": ("megaxatl.eval.generate_cli", "add_generate_args", "run_generate",
                  "generate text from a model folder with recurrent decoding"),
+    "reshard": ("megaxatl.checkpoint.reshard", "add_reshard_args", "run_reshard",
+                "rewrite model weights at another TP x PP layout (sharded) or as one model folder"),
     "plan": ("megaxatl.cluster.plan", "add_plan_args", "run_plan",
              "per-GPU memory and step time of each TP x PP x DP x ZeRO layout that fits"),
+    "export-hf": ("megaxatl.export.cli", "add_export_hf_args", "run_export_hf",
+                  "write a model folder as a Hugging Face folder (stock class when one matches exactly)"),
+    "import-hf": ("megaxatl.export.cli", "add_import_hf_args", "run_import_hf",
+                  "read a Hugging Face folder written by export-hf back into a model folder"),
 }
 
 

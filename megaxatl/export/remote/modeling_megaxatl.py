@@ -1,0 +1,503 @@
+"""A megaxatl model (XATL blocks with attention, Mamba, Mamba-2, retention or GLA mixers) in plain
+PyTorch, for `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
+
+Written by `megaxatl export-hf` for layouts no stock transformers class reproduces exactly. It
+imports only torch and transformers. Parameter names are megaxatl's own under `model.` (the
+head is `lm_head.weight`, absent when tied), so `megaxatl import-hf` maps them back one to one.
+
+Every block is: x + mixer(norm1(x)), then x + mlp(norm2(x)) (or GPT-NeoX's parallel form
+x + mixer(norm1(x)) + mlp(norm2(x))); a config without MLP has the mixer half only. One symbol
+of the config's `pattern` per block names its mixer:
+
+    *  softmax attention (partial rotary, GQA)     M  Mamba-1 selective SSM
+    S  Mamba-2 (SSD)                               R  retention (RetNet)
+    G  gated linear attention
+
+The scans here are the sequential reference recurrences (exact, O(L) per layer, not fused), and
+every forward pass starts from an empty state: generation re-reads the whole sequence at each
+step instead of carrying recurrent state. For fast training or decoding, import the folder back
+with `megaxatl import-hf` and use megaxatl's kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+try:  # transformers 5: init helpers that leave loaded weights alone
+    from transformers import initialization as _init
+except ImportError:  # transformers 4
+    _init = nn.init
+
+from .configuration_megaxatl import MegaxatlConfig
+
+_ACT = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class _Section:
+    """Attribute access over one section of the megaxatl model config, with its defaults."""
+
+    def __init__(self, values: dict | None, defaults: dict):
+        self.__dict__.update(defaults)
+        self.__dict__.update(values or {})
+
+
+_MODEL_DEFAULTS = dict(norm="layernorm", norm_eps=1e-5, mlp="gelu", d_mlp=0, mlp_bias=True, parallel_residual=False,
+                       tie_embeddings=False, pad_vocab_multiple=1, n_heads=1, n_kv_heads=None, head_dim=None,
+                       rotary_pct=1.0, rope_theta=10000.0, qkv_bias=False, attn_out_bias=False, init_std=0.02)
+_SSM_DEFAULTS = dict(d_state=16, d_conv=4, expand=2.0, conv_bias=True, proj_bias=False)
+_SECTION_DEFAULTS = {
+    "mamba": dict(_SSM_DEFAULTS, dt_rank=None),
+    "mamba2": dict(_SSM_DEFAULTS, d_state=64, head_dim=64, n_groups=1),
+    "retention": dict(n_heads=None, norm_eps=1e-5, decay_base=5.0, decay_span=None, gate=True),
+    "gla": dict(n_heads=None, norm_eps=1e-5, gate_low_rank_dim=16, gate_logit_normalizer=16.0),
+}
+
+
+def model_settings(config: MegaxatlConfig) -> _Section:
+    m = dict(config.megaxatl_model)
+    cfg = _Section({k: v for k, v in m.items() if k not in _SECTION_DEFAULTS}, _MODEL_DEFAULTS)
+    for name, defaults in _SECTION_DEFAULTS.items():
+        setattr(cfg, name, _Section(m.get(name), defaults))
+    cfg.kv_heads = cfg.n_kv_heads or cfg.n_heads
+    cfg.attn_head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
+    cfg.symbols = [c for c in cfg.pattern if c != "|"]
+    cfg.mamba2_norm_eps = config.mamba2_norm_eps
+    return cfg
+
+
+def lin_attn_heads(cfg: _Section, n_heads: int | None) -> tuple[int, int, int]:
+    """(heads, KV heads, head_dim) of a retention / GLA mixer: the attention heads unless the
+    mixer sets its own head count over the same attention width (then no GQA)."""
+    if n_heads is None:
+        return cfg.n_heads, cfg.kv_heads, cfg.attn_head_dim
+    return n_heads, n_heads, cfg.n_heads * cfg.attn_head_dim // n_heads
+
+
+# ---- norms, MLP, rotary ------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps)
+    if kind == "layernorm":
+        return LayerNorm(dim, eps)
+    raise ValueError(f"unknown norm {kind!r}")
+
+
+class MLP(nn.Module):
+    """SwiGLU (down(silu(gate(x)) * up(x))) or a plain two-layer MLP."""
+
+    def __init__(self, d_model: int, d_mlp: int, kind: str, bias: bool):
+        super().__init__()
+        self.kind = kind
+        if kind == "swiglu":
+            self.gate_proj = nn.Linear(d_model, d_mlp, bias=bias)
+        elif kind not in _ACT:
+            raise ValueError(f"unknown mlp {kind!r}")
+        self.up_proj = nn.Linear(d_model, d_mlp, bias=bias)
+        self.down_proj = nn.Linear(d_mlp, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(_ACT[self.kind](self.up_proj(x)))
+
+
+def rotary_cos_sin(rot_dim: int, theta: float, seqlen: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: (L, rot_dim) fp32, Hugging Face's rotate_half layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.int64, device=device).float() / rot_dim))
+    freqs = torch.outer(torch.arange(seqlen, device=device).float(), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates x[..., :rot_dim] (rot_dim = cos.shape[-1]); cos / sin broadcast against x."""
+    r = cos.shape[-1]
+    if r == 0:
+        return x
+    xr, xp = x[..., :r], x[..., r:]
+    x1, x2 = xr[..., : r // 2], xr[..., r // 2:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    xr = (xr.float() * cos + rotated.float() * sin).to(x.dtype)
+    return torch.cat((xr, xp), dim=-1) if xp.shape[-1] else xr
+
+
+def causal_depthwise_conv(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """x: (B, C, L) -> silu(causal depthwise conv(x)): output t sees inputs t-k+1 .. t."""
+    k = conv.weight.shape[-1]
+    return F.silu(F.conv1d(F.pad(x, (k - 1, 0)), conv.weight, conv.bias, groups=x.shape[1]))
+
+
+# ---- mixers ----------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    def __init__(self, cfg: _Section):
+        super().__init__()
+        D, H, KV, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.attn_head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = H, KV, hd
+        self.rot_dim, self.theta = int(hd * cfg.rotary_pct), cfg.rope_theta
+        self.q_proj = nn.Linear(D, H * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(D, KV * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(D, KV * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * hd, D, bias=cfg.attn_out_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, L, D) -> (B, L, D)."""
+        bsz, seqlen, _ = x.shape
+        q = self.q_proj(x).view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rotary_cos_sin(self.rot_dim, self.theta, seqlen, x.device)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        rep = self.n_heads // self.n_kv_heads
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim))
+
+
+class Mamba(nn.Module):
+    """Mamba-1 (mamba-ssm layout): in_proj packs [x; z], depthwise causal conv, selective scan."""
+
+    def __init__(self, cfg: _Section):
+        super().__init__()
+        m, D = cfg.mamba, cfg.d_model
+        self.d_inner, self.d_state = int(m.expand * D), m.d_state
+        self.dt_rank = m.dt_rank or math.ceil(D / 16)
+        self.in_proj = nn.Linear(D, 2 * self.d_inner, bias=m.proj_bias)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, m.d_conv, groups=self.d_inner, bias=m.conv_bias)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * m.d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.zeros(self.d_inner, m.d_state))
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, D, bias=m.proj_bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (B, d_inner, L) each
+        x = causal_depthwise_conv(x, self.conv1d)
+        dt, B, C = torch.split(self.x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())  # (B, L, d_inner)
+        A = -torch.exp(self.A_log.float())  # (d_inner, N)
+        u, Bf, Cf = x.transpose(1, 2).float(), B.float(), C.float()
+        h = u.new_zeros(u.shape[0], self.d_inner, self.d_state)
+        ys = []
+        for t in range(u.shape[1]):
+            h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * Bf[:, t, None, :]
+            ys.append((h * Cf[:, t, None, :]).sum(-1))
+        y = torch.stack(ys, dim=1) + self.D.float() * u
+        y = y * F.silu(z.transpose(1, 2).float())
+        return self.out_proj(y.to(hidden.dtype))
+
+
+class GatedRMSNorm(nn.Module):
+    """rmsnorm(y * silu(z)) over groups of `group_size` channels (mamba-ssm's norm_before_gate=False)."""
+
+    def __init__(self, dim: int, group_size: int, eps: float):
+        super().__init__()
+        self.eps, self.group_size = eps, group_size
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        h = y.float() * F.silu(z.float())
+        g = h.unflatten(-1, (-1, self.group_size))
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (g.flatten(-2) * self.weight.float()).to(y.dtype)
+
+
+class Mamba2(nn.Module):
+    """Mamba-2 (mamba-ssm layout): in_proj packs [z; x B C; dt], conv over x B C, SSD scan, gated norm."""
+
+    def __init__(self, cfg: _Section):
+        super().__init__()
+        m, D = cfg.mamba2, cfg.d_model
+        self.d_inner = int(m.expand * D)
+        self.d_state, self.head_dim, self.n_groups = m.d_state, m.head_dim, m.n_groups
+        self.n_heads = self.d_inner // m.head_dim
+        self.conv_dim = self.d_inner + 2 * m.n_groups * m.d_state
+        self.in_proj = nn.Linear(D, self.d_inner + self.conv_dim + self.n_heads, bias=m.proj_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, m.d_conv, groups=self.conv_dim, bias=m.conv_bias)
+        self.dt_bias = nn.Parameter(torch.zeros(self.n_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.n_heads))
+        self.D = nn.Parameter(torch.ones(self.n_heads))
+        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // m.n_groups, cfg.mamba2_norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, D, bias=m.proj_bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        bsz, seqlen, _ = hidden.shape
+        H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
+        z, xbc, dt = torch.split(self.in_proj(hidden), [self.d_inner, self.conv_dim, H], dim=-1)
+        xbc = causal_depthwise_conv(xbc.transpose(1, 2), self.conv1d).transpose(1, 2)
+        x, B, C = torch.split(xbc, [self.d_inner, G * N, G * N], dim=-1)
+        x = x.reshape(bsz, seqlen, H, P).float()
+        # head h reads group h // (H / G)
+        B = B.reshape(bsz, seqlen, G, N).float().repeat_interleave(H // G, dim=2)
+        C = C.reshape(bsz, seqlen, G, N).float().repeat_interleave(H // G, dim=2)
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, L, H)
+        A = -torch.exp(self.A_log.float())
+        h = x.new_zeros(bsz, H, P, N)
+        ys = []
+        for t in range(seqlen):
+            decay = torch.exp(dt[:, t] * A)[:, :, None, None]
+            h = decay * h + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+            ys.append((h * C[:, t, :, None, :]).sum(-1))
+        y = torch.stack(ys, dim=1) + self.D.float()[:, None] * x
+        y = self.norm(y.reshape(bsz, seqlen, self.d_inner).to(hidden.dtype), z)
+        return self.out_proj(y)
+
+
+def linear_attention(q, k, v, g, scale: float) -> torch.Tensor:
+    """S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t, o_t = (scale q_t) S_t.
+
+    q, k: (B, L, H, K); v: (B, L, H, V); g: (B, L, H, K) or (B, L, H, 1), log decays <= 0.
+    Returns o (B, L, H, V) fp32."""
+    qf, kf, vf, gf = (t.float() for t in (q, k, v, g))
+    bsz, seqlen, heads, dk = qf.shape
+    state = qf.new_zeros(bsz, heads, dk, vf.shape[-1])
+    outs = []
+    for t in range(seqlen):
+        state = state * gf[:, t].exp().unsqueeze(-1) + kf[:, t].unsqueeze(-1) * vf[:, t].unsqueeze(-2)
+        outs.append(torch.einsum("bhk,bhkv->bhv", qf[:, t] * scale, state))
+    return torch.stack(outs, 1)
+
+
+def retention_log_decay(n_heads: int, base: float, span: float | None, device=None) -> torch.Tensor:
+    """log gamma_h, (H,) fp32: gamma_h = 1 - 2**(-base - h) (torchscale), or spread over `span`."""
+    h = torch.arange(n_heads, dtype=torch.float64, device=device)
+    expo = base + (h if span is None else h * span / max(n_heads - 1, 1))
+    return torch.log1p(-torch.exp2(-expo)).float()
+
+
+class Retention(nn.Module):
+    """Multi-scale retention with the donor's rotary, a constant decay per head, a per-head
+    LayerNorm without affine and a swish output gate."""
+
+    def __init__(self, cfg: _Section):
+        super().__init__()
+        r, D = cfg.retention, cfg.d_model
+        H, KV, hd = lin_attn_heads(cfg, r.n_heads)
+        self.n_heads, self.n_kv_heads, self.head_dim = H, KV, hd
+        self.rot_dim, self.theta = int(hd * cfg.rotary_pct), cfg.rope_theta
+        self.norm_eps, self.decay_base, self.decay_span = r.norm_eps, r.decay_base, r.decay_span
+        self.q_proj = nn.Linear(D, H * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(D, KV * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(D, KV * hd, bias=cfg.qkv_bias)
+        self.g_proj = nn.Linear(D, H * hd, bias=False) if r.gate else None
+        self.o_proj = nn.Linear(H * hd, D, bias=cfg.attn_out_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.q_proj(x).view(bsz, seqlen, H, hd)
+        k = self.k_proj(x).view(bsz, seqlen, KV, hd)
+        v = self.v_proj(x).view(bsz, seqlen, KV, hd)
+        cos, sin = rotary_cos_sin(self.rot_dim, self.theta, seqlen, x.device)
+        q, k = apply_rotary(q, cos[:, None], sin[:, None]), apply_rotary(k, cos[:, None], sin[:, None])
+        if H != KV:
+            k, v = k.repeat_interleave(H // KV, dim=2), v.repeat_interleave(H // KV, dim=2)
+        g = retention_log_decay(H, self.decay_base, self.decay_span, x.device).view(1, 1, H, 1)
+        o = linear_attention(q, k, v, g.expand(bsz, seqlen, H, 1), hd ** -0.5)
+        o = F.layer_norm(o, (hd,), eps=self.norm_eps)
+        if self.g_proj is not None:
+            o = F.silu(self.g_proj(x).float()).view(bsz, seqlen, H, hd) * o
+        return self.o_proj(o.reshape(bsz, seqlen, H * hd).to(x.dtype))
+
+
+class GLA(nn.Module):
+    """Gated linear attention (flash-linear-attention's GatedLinearAttention layout): a low-rank
+    data-dependent forget gate per key dim, RMSNorm per head, swish output gate, no positions."""
+
+    def __init__(self, cfg: _Section):
+        super().__init__()
+        gc, D = cfg.gla, cfg.d_model
+        H, KV, hd = lin_attn_heads(cfg, gc.n_heads)
+        self.n_heads, self.n_kv_heads, self.head_dim = H, KV, hd
+        self.norm_eps, self.gate_logit_normalizer = gc.norm_eps, gc.gate_logit_normalizer
+        self.q_proj = nn.Linear(D, H * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(D, KV * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(D, KV * hd, bias=cfg.qkv_bias)
+        self.g_proj = nn.Linear(D, H * hd, bias=False)
+        self.gk_proj = nn.Sequential(nn.Linear(D, gc.gate_low_rank_dim, bias=False),
+                                     nn.Linear(gc.gate_low_rank_dim, KV * hd, bias=True))
+        self.g_norm = nn.Module()
+        self.g_norm.weight = nn.Parameter(torch.ones(hd))
+        self.o_proj = nn.Linear(H * hd, D, bias=cfg.attn_out_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        rep = H // KV
+        q = self.q_proj(x).view(bsz, seqlen, H, hd)
+        k = self.k_proj(x).view(bsz, seqlen, KV, hd).repeat_interleave(rep, dim=2)
+        v = self.v_proj(x).view(bsz, seqlen, KV, hd).repeat_interleave(rep, dim=2)
+        gk = F.logsigmoid(self.gk_proj(x).float()) / self.gate_logit_normalizer
+        gk = gk.view(bsz, seqlen, KV, hd).repeat_interleave(rep, dim=2)
+        o = linear_attention(q, k, v, gk, hd ** -0.5)
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.g_norm.weight.float()
+        o = o * F.silu(self.g_proj(x).float()).view(bsz, seqlen, H, hd)
+        return self.o_proj(o.reshape(bsz, seqlen, H * hd).to(x.dtype))
+
+
+MIXERS = {"*": Attention, "M": Mamba, "S": Mamba2, "R": Retention, "G": GLA}
+
+
+# ---- blocks and the LM -------------------------------------------------------------------------
+
+class MegaxatlBlock(nn.Module):
+    def __init__(self, symbol: str, cfg: _Section):
+        super().__init__()
+        if symbol not in MIXERS:
+            raise ValueError(f"unknown mixer symbol {symbol!r} in pattern {cfg.pattern!r}")
+        self.parallel_residual = cfg.parallel_residual
+        self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.mixer = MIXERS[symbol](cfg)
+        if cfg.mlp != "none":
+            self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+            self.mlp = MLP(cfg.d_model, cfg.d_mlp, cfg.mlp, cfg.mlp_bias)
+        else:
+            self.norm2 = self.mlp = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mixer(self.norm1(x))
+        if self.mlp is None:
+            return x + h
+        if self.parallel_residual:
+            return x + h + self.mlp(self.norm2(x))
+        x = x + h
+        return x + self.mlp(self.norm2(x))
+
+
+def _copy(t: torch.Tensor, value: torch.Tensor) -> None:
+    if not getattr(t, "_is_hf_initialized", False):  # never over a loaded tensor
+        t.copy_(value)
+
+
+class MegaxatlPreTrainedModel(PreTrainedModel):
+    config_class = MegaxatlConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["MegaxatlBlock"]
+    supports_gradient_checkpointing = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Only for a model built from its config (from_pretrained loads every tensor)."""
+        std = model_settings(self.config).init_std
+        if isinstance(module, (nn.Linear, nn.Conv1d)):
+            _init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                _init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            _init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (RMSNorm, GatedRMSNorm)):
+            _init.ones_(module.weight)
+        elif isinstance(module, LayerNorm):
+            _init.ones_(module.weight)
+            _init.zeros_(module.bias)
+        elif isinstance(module, GLA):
+            _init.ones_(module.g_norm.weight)
+        elif isinstance(module, Mamba):
+            A = torch.arange(1, module.d_state + 1, dtype=torch.float32).repeat(module.d_inner, 1)
+            _copy(module.A_log, torch.log(A))
+            _init.ones_(module.D)
+        elif isinstance(module, Mamba2):
+            A = torch.arange(1, module.n_heads + 1, dtype=torch.float32)
+            _copy(module.A_log, torch.log(A))
+            _init.ones_(module.D)
+            _init.zeros_(module.dt_bias)
+
+
+class MegaxatlModel(MegaxatlPreTrainedModel):
+    def __init__(self, config: MegaxatlConfig):
+        super().__init__(config)
+        cfg = model_settings(config)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(MegaxatlBlock(s, cfg) for s in cfg.symbols)
+        self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def set_input_embeddings(self, value):
+        self.embed = value
+
+    def forward(self, input_ids=None, inputs_embeds=None) -> torch.Tensor:
+        """input_ids: (B, L) -> final-normed hidden states (B, L, D)."""
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm_f(x)
+
+
+class MegaxatlForCausalLM(MegaxatlPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed.weight"}
+
+    def __init__(self, config: MegaxatlConfig):
+        super().__init__(config)
+        cfg = model_settings(config)
+        self.model = MegaxatlModel(config)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed
+
+    def set_input_embeddings(self, value):
+        self.model.embed = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, inputs_embeds=None, **kwargs):
+        # no recurrent state is carried between calls: each step reads the whole sequence
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, logits_to_keep=0,
+                return_dict=None, **kwargs):
+        if attention_mask is not None and not bool(attention_mask.all()):
+            # a recurrent mixer folds every position into its state: padding cannot be masked out
+            raise ValueError("padded batches are not supported: attention_mask must be all ones "
+                             "(run sequences of different lengths separately)")
+        hidden = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds)
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)

@@ -1,0 +1,261 @@
+"""`megaxatl export-hf` / `import-hf`: every export path loads with AutoModelForCausalLM, gives our
+logits (fp32, max abs diff < 1e-4), and imports back to bit-identical weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures_models import VOCAB, tiny_model_config
+
+from megaxatl.checkpoint import load_model, load_model_dir, save_model_dir
+from megaxatl.cli import main
+from megaxatl.config import config_from_dict, config_to_dict
+from megaxatl.export import ExportError, export_hf, import_hf
+from megaxatl.export.hf import PAD_FILE, SIDECAR
+from megaxatl.models import build
+
+TOL = 1e-4
+
+# name -> (pattern, model-section overrides, expected HF class). Vocabulary padded to 448 rows
+# (pad_vocab_multiple 64) everywhere, so the padding rows' round trip is always exercised.
+CASES = {
+    "llama": ("**", dict(n_kv_heads=2, rope_theta=500.0), "LlamaForCausalLM"),
+    "qwen2": ("**", dict(qkv_bias=True, mlp_bias=False, tie_embeddings=False, norm_eps=1e-6), "Qwen2ForCausalLM"),
+    "gpt_neox": ("***", dict(norm="layernorm", mlp="gelu", mlp_bias=True, parallel_residual=True, rotary_pct=0.25,
+                             qkv_bias=True, attn_out_bias=True, tie_embeddings=False), "GPTNeoXForCausalLM"),
+    "gpt_neox_seq": ("**", dict(norm="layernorm", mlp="gelu_tanh", mlp_bias=True, rotary_pct=0.5),
+                     "GPTNeoXForCausalLM"),
+    "mamba": ("MM", dict(mlp="none", tie_embeddings=False, mamba={"d_state": 8, "expand": 2.0, "dt_rank": 3}),
+              "MambaForCausalLM"),
+    "mamba2": ("SS", dict(mlp="none", mamba2={"d_state": 16, "head_dim": 16, "n_groups": 2, "chunk_size": 8}),
+               "Mamba2ForCausalLM"),
+    "bamba": ("S*S", dict(n_kv_heads=2, rotary_pct=0.5, qkv_bias=True, attn_out_bias=True, tie_embeddings=False,
+                          mamba2={"d_state": 16, "head_dim": 16, "n_groups": 2, "chunk_size": 8}), "BambaForCausalLM"),
+    "remote_mamba_hybrid": ("M*M", dict(mamba={"d_state": 8, "expand": 1.5}), "MegaxatlForCausalLM"),
+    "remote_retention": ("R*R", dict(n_kv_heads=2, rotary_pct=0.5, retention={"decay_span": 6.0}),
+                         "MegaxatlForCausalLM"),
+    "remote_gla": ("G*G", dict(n_kv_heads=2, tie_embeddings=False, gla={"gate_low_rank_dim": 8}),
+                   "MegaxatlForCausalLM"),
+    "remote_every_mixer": ("M*SRG", dict(norm="layernorm", mlp="relu", parallel_residual=True, rotary_pct=0.5,
+                                         qkv_bias=True, retention={"n_heads": 2, "gate": False},
+                                         mamba2={"d_state": 8, "head_dim": 16, "n_groups": 1}),
+                           "MegaxatlForCausalLM"),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from test_data_common import make_hf_tokenizer
+
+    return make_hf_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer", VOCAB)
+
+
+def make_model(path: Path, pattern: str, tokenizer_dir: Path | None, seed: int = 0, **over) -> Path:
+    """A tiny model folder whose every tensor is random (norm weights around 1, biases non-zero,
+    SSM parameters perturbed), so that a swapped or dropped tensor shows in the logits."""
+    cfg = config_from_dict(tiny_model_config(pattern, pad_vocab_multiple=64, **over))
+    torch.manual_seed(seed)
+    model = build(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        model.embed.weight.normal_(0, 0.5)
+    save_model_dir(path, model.state_dict(), {"config": config_to_dict(cfg), "step": 7, "transferred": ["x"]},
+                   tokenizer_dir=tokenizer_dir)
+    return path
+
+
+def our_logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    model, _, _ = load_model(model_dir)
+    with torch.no_grad():
+        return model.float().eval()(ids)
+
+
+def hf_logits(hf_dir: Path, ids: torch.Tensor, remote: bool):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=remote, dtype=torch.float32)
+    with torch.no_grad():
+        return model.eval()(ids).logits, model
+
+
+def assert_same_folder(a: Path, b: Path) -> None:
+    sa, ma = load_model_dir(a)
+    sb, mb = load_model_dir(b)
+    assert sorted(sa) == sorted(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    strip = lambda m: {k: v for k, v in m.items() if k != "sha256"}  # noqa: E731
+    assert strip(ma) == strip(mb)
+    ta, tb = a / "tokenizer", b / "tokenizer"
+    assert ta.is_dir() == tb.is_dir()
+    if ta.is_dir():
+        assert sorted(p.name for p in ta.iterdir()) == sorted(p.name for p in tb.iterdir())
+        for p in ta.iterdir():
+            assert p.read_bytes() == (tb / p.name).read_bytes(), p.name
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_export_logits_and_round_trip(case, tmp_path, tokenizer_dir):
+    pattern, over, hf_class = CASES[case]
+    src = make_model(tmp_path / "model", pattern, tokenizer_dir, **over)
+    out = tmp_path / "hf"
+    arch = export_hf(src, out)
+    assert arch.hf_class == hf_class
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == [hf_class]
+    assert (out / "tokenizer.json").is_file() and (out / PAD_FILE).is_file() and (out / SIDECAR).is_file()
+    assert config["eos_token_id"] == 0 and config["bos_token_id"] is None  # the tokenizer's, not class defaults
+    if arch.remote:
+        assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
+        assert "import megaxatl" not in (out / "modeling_megaxatl.py").read_text()  # self-contained
+
+    ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(1))
+    ours = our_logits(src, ids)
+    theirs, hf_model = hf_logits(out, ids, arch.remote)
+    assert theirs.shape == ours.shape == (2, 13, VOCAB)
+    diff = (theirs - ours).abs().max().item()
+    assert diff < TOL, f"{case}: max abs logit diff {diff:.2e}"
+    assert hf_model.config.tie_word_embeddings == over.get("tie_embeddings", True)
+
+    back = tmp_path / "back"
+    assert import_hf(out, back) == hf_class
+    assert_same_folder(src, back)
+
+
+def test_remote_generate_matches_greedy_decoding(tmp_path, tokenizer_dir):
+    from megaxatl.models.generation import generate
+
+    src = make_model(tmp_path / "model", "M*G", tokenizer_dir)
+    out = tmp_path / "hf"
+    export_hf(src, out)
+    ids = torch.tensor([[5, 17, 99, 3]])
+    _, hf_model = hf_logits(out, ids, remote=True)
+    with torch.no_grad():
+        theirs = hf_model.generate(ids, max_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(ids))
+    model, _, _ = load_model(src)
+    ours = generate(model.float(), ids.tolist(), 5)
+    assert theirs[0, 4:].tolist() == ours[0]
+
+
+def test_forced_stock_arch_must_fit_and_remote_works_for_attention(tmp_path, tokenizer_dir):
+    src = make_model(tmp_path / "model", "**", tokenizer_dir, n_kv_heads=2)
+    with pytest.raises(ExportError, match="GPTNeoXForCausalLM does not reproduce this model exactly: norm is not"):
+        export_hf(src, tmp_path / "neox", arch="gpt_neox")
+    assert not (tmp_path / "neox").exists()
+    out = tmp_path / "remote"
+    assert export_hf(src, out, arch="remote").remote
+    ids = torch.randint(0, VOCAB, (1, 9))
+    theirs, _ = hf_logits(out, ids, remote=True)
+    assert (theirs - our_logits(src, ids)).abs().max().item() < TOL
+    import_hf(out, tmp_path / "back")
+    assert_same_folder(src, tmp_path / "back")
+
+
+def test_bf16_weights_and_sharded_folder_round_trip(tmp_path, tokenizer_dir):
+    """Nothing is cast on the way out or back; a re-sharded export still imports."""
+    from safetensors.torch import load_file, save_file
+
+    src32 = make_model(tmp_path / "m32", "S*", tokenizer_dir, mamba2={"d_state": 8, "head_dim": 16})
+    state, meta = load_model_dir(src32)
+    src = save_model_dir(tmp_path / "m16", {k: v.bfloat16() for k, v in state.items()},
+                         {k: v for k, v in meta.items() if k not in ("format", "version", "sha256")},
+                         tokenizer_dir=tokenizer_dir)
+    out = tmp_path / "hf"
+    export_hf(src, out)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    tensors = load_file(out / "model.safetensors")
+    keys = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, part in shards.items():
+        save_file({k: tensors[k] for k in part}, out / name)
+    (out / "model.safetensors").unlink()
+    weight_map = {k: name for name, part in shards.items() for k in part}
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    import_hf(out, tmp_path / "back")
+    assert_same_folder(src, tmp_path / "back")
+
+
+def test_output_may_not_replace_the_input(tmp_path, tokenizer_dir):
+    src = make_model(tmp_path / "model", "**", tokenizer_dir)
+    with pytest.raises(ExportError, match="must not be the input folder"):
+        export_hf(src, src, overwrite=True)
+    with pytest.raises(ExportError, match="must not be the input folder"):
+        export_hf(src, src / "hf")
+    load_model_dir(src)  # untouched
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_import_stock_folder_not_written_by_us(family, tmp_path):
+    from fixtures_donors import make_tiny_donor, write_tiny_tokenizer
+
+    hf_model, path = make_tiny_donor(family, tmp_path / "donor")
+    write_tiny_tokenizer(path, hf_model.config.vocab_size)
+    assert main(["import-hf", "--hf", str(path), "--out", str(tmp_path / "m")]) == 0
+    ids = torch.randint(0, hf_model.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        expected = hf_model(ids).logits
+    assert (our_logits(tmp_path / "m", ids) - expected).abs().max().item() < TOL
+    assert (tmp_path / "m" / "tokenizer" / "tokenizer.json").is_file()
+    assert not (tmp_path / "m" / "tokenizer" / "model.safetensors").exists()
+
+
+def test_cli_round_trip_and_errors(tmp_path, tokenizer_dir, capsys):
+    src = make_model(tmp_path / "model", "*S", tokenizer_dir, mamba2={"d_state": 8, "head_dim": 16})
+    out = tmp_path / "hf"
+    assert main(["export-hf", "--model", str(src), "--out", str(out)]) == 0
+    assert "BambaForCausalLM" in capsys.readouterr().out
+
+    # an existing output is refused without --overwrite, and left as it was
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["export-hf", "--model", str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already exists" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert main(["export-hf", "--model", str(src), "--out", str(out), "--overwrite"]) == 0
+    capsys.readouterr()
+
+    assert main(["import-hf", "--hf", str(out), "--out", str(tmp_path / "back")]) == 0
+    assert_same_folder(src, tmp_path / "back")
+    assert main(["import-hf", "--hf", str(out), "--out", str(tmp_path / "back")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+    # a missing model folder: one line naming it, nothing written
+    missing = tmp_path / "nope"
+    assert main(["export-hf", "--model", str(missing), "--out", str(tmp_path / "hf2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(missing) in err
+    assert not (tmp_path / "hf2").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf2")]
+
+    # a forced class that does not fit: one line with the reason
+    assert main(["export-hf", "--model", str(src), "--out", str(tmp_path / "hf3"), "--arch", "mamba2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Mamba2ForCausalLM" in err and "blocks have an MLP" in err
+
+    # a tampered export: the unknown tensor is named
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.0.mystery.weight"] = torch.zeros(2)
+    save_file(tensors, bad / "model.safetensors")
+    assert main(["import-hf", "--hf", str(bad), "--out", str(tmp_path / "back2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.layers.0.mystery.weight" in err and not (tmp_path / "back2").exists()
+
+    # not an HF folder at all
+    assert main(["import-hf", "--hf", str(src), "--out", str(tmp_path / "back3")]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_cli_arch_choices_match_the_table():
+    from megaxatl.export.cli import ARCH_CHOICES
+    from megaxatl.export.hf import ARCH_NAMES
+
+    assert ARCH_CHOICES == ("auto",) + ARCH_NAMES
