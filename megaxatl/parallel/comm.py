@@ -7,9 +7,17 @@
                                                                   computation: Mamba-1's x_proj,
                                                                   group-norm statistics)
     gather_last(x)    forward all-gather on the last dim, backward keep this rank's slice
+    gather_seq(x)     forward all-gather along the sequence (dim 1), backward reduce-scatter
+                      (sequence parallelism: enter a mixer / MLP / LM head region from the
+                      sequence-split residual stream; every rank's region read every position)
+    reduce_scatter_seq(x) forward reduce-scatter along the sequence (dim 1), backward all-gather
+                      (sequence parallelism: leave a row-parallel region, or the vocab-parallel
+                      embedding, into the sequence-split stream)
     sync_unit_grads(w, spec)  forward identity; backward sums the gradient of pieces that several
                       ranks hold as copies (replicated KV heads / Mamba-2 groups, replicated
-                      parameters used by rank-local heads), so every copy gets the full gradient.
+                      parameters used by rank-local heads, and with sequence parallelism the norm
+                      weights / row-parallel biases applied to this rank's positions only), so
+                      every copy gets the full gradient.
 """
 
 from __future__ import annotations
@@ -74,6 +82,72 @@ class _GatherLast(torch.autograd.Function):
         return g.narrow(-1, ctx.rank * ctx.size, ctx.size).contiguous(), None
 
 
+def _seq_part(x: torch.Tensor, n: int) -> int:
+    seqlen = x.shape[1]
+    if seqlen % n:
+        raise ValueError(f"sequence parallelism: sequence length L={seqlen} (dim 1) is not divisible by the "
+                         f"tensor-parallel size tp={n}")
+    return seqlen // n
+
+
+def _all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:
+    n = dist.get_world_size(group)
+    if n == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(n)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+# gloo (CPU) only has reduce_scatter in recent torch; set once an older one refused it
+_GLOO_LACKS_REDUCE_SCATTER = False
+
+
+def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+    global _GLOO_LACKS_REDUCE_SCATTER
+    n = dist.get_world_size(group)
+    if n == 1:
+        return x
+    part = _seq_part(x, n)
+    gloo = dist.get_backend(group) == "gloo"
+    if not (gloo and _GLOO_LACKS_REDUCE_SCATTER):
+        chunks = [c.contiguous() for c in x.split(part, dim=1)]
+        out = torch.empty_like(chunks[0])
+        try:
+            dist.reduce_scatter(out, chunks, group=group)
+            return out
+        except RuntimeError:  # an unsupported op is refused before any communication, on every rank
+            if not gloo:
+                raise
+            _GLOO_LACKS_REDUCE_SCATTER = True
+    # sum everything and keep this rank's positions: the same values, more traffic
+    return _all_reduce(x, group).narrow(1, dist.get_rank(group) * part, part).contiguous()
+
+
+class _GatherSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        # every rank's region used all positions: sum their gradients, keep this rank's positions
+        return _reduce_scatter_seq(g, ctx.group), None
+
+
+class _ReduceScatterSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        # each rank's partial sum fed every position of the output: it gets the whole gradient
+        return _all_gather_seq(g, ctx.group), None
+
+
 class _SyncUnitGrads(torch.autograd.Function):
     """spec: tuple of (dim, offset, size, units, unit) for each piece held as a copy: local rows
     [offset, offset + size) along `dim` are unit `unit` of `units`; units=1 means the whole piece is
@@ -115,6 +189,14 @@ def all_reduce_both(x, group):
 
 def gather_last(x, group):
     return _GatherLast.apply(x, group)
+
+
+def gather_seq(x, group):
+    return _GatherSeq.apply(x, group)
+
+
+def reduce_scatter_seq(x, group):
+    return _ReduceScatterSeq.apply(x, group)
 
 
 def sync_unit_grads(w, spec, group):
