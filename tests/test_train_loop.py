@@ -173,3 +173,46 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, train_shards):
     step = max(losses(out))
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
     assert "rerun to resume" in err and events(out)[-1]["event"] == "stop"
+
+
+def test_non_finite_gradient_under_a_finite_loss_skips_the_update(tmp_path, train_shards):
+    # one micro-batch of step 3 gets an infinite gradient while its loss stays finite
+    cfg = cfg_of(tiny_config(tmp_path / "r", train_shards, train__steps=5, train__save_interval=1, train__keep_last=9,
+                             train__max_bad_steps=2))
+    res = run(cfg, fault=lambda step, micro: "grad" if step == 3 else False)
+    assert res.completed and res.skipped == 1 and 3 not in res.losses
+    skips = [e for e in events(tmp_path / "r") if e["event"] == "skip"]
+    assert len(skips) == 1 and skips[0]["reason"].startswith("non-finite gradient (loss ")
+    # the skipped update changed nothing: step 3's weights are step 2's
+    w2, w3 = (checkpoint_weights(tmp_path / "r" / "checkpoints" / f"step_{s:08d}") for s in (2, 3))
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)
+    with pytest.raises(TrainingDiverged, match=r"2 non-finite gradients in a row at step 5"):
+        run(cfg_of(tiny_config(tmp_path / "s", train_shards, train__steps=6, train__max_bad_steps=2)),
+            fault=lambda step, micro: "grad" if step >= 4 else False)
+
+
+def test_step_guard_clips_like_torch_and_skips_non_finite():
+    from megaxatl.train.guard import StepGuard
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    b.load_state_dict(a.state_dict())
+    opt_a, opt_b = torch.optim.AdamW(a.parameters(), lr=0.1), torch.optim.AdamW(b.parameters(), lr=0.1)
+    guard = StepGuard(opt_a, clip=0.5)
+    x = torch.randn(4, 8)
+    a(x).pow(2).sum().backward()
+    b(x).pow(2).sum().backward()
+    ref_norm = float(torch.nn.utils.clip_grad_norm_(b.parameters(), 0.5))
+    opt_a.step()
+    opt_b.step()
+    assert abs(guard.last_norm - ref_norm) <= 1e-6 * ref_norm and not guard.last_skipped
+    assert all(torch.allclose(p, q, rtol=1e-6, atol=1e-7) for p, q in zip(a.parameters(), b.parameters()))
+    before = [p.detach().clone() for p in a.parameters()]
+    moments = [opt_a.state[p]["exp_avg"].clone() for p in a.parameters()]
+    opt_a.zero_grad()
+    a(x).sum().backward()
+    a.weight.grad[0, 0] = float("inf")
+    opt_a.step()
+    assert guard.last_skipped and guard.skipped == 1 and opt_a.overflow
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))
+    assert all(torch.equal(opt_a.state[p]["exp_avg"], m) for p, m in zip(a.parameters(), moments))

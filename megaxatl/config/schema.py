@@ -303,7 +303,8 @@ class ParallelConfig:
     pp: int = 1
     zero_stage: int = 0
     sequence_parallel: bool = False
-    # pipeline micro-batches per optimizer step
+    # pipeline micro-batches per accumulation step: an optimizer step runs
+    # train.grad_accum x micro_batches micro-batches of data.micro_batch_size per DP rank
     micro_batches: int = 1
     activation_checkpointing: bool = False
     cpu_offload: bool = False
@@ -413,6 +414,16 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # Free text shown by `megaxatl info`.
     description: str = ""
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches per optimizer step on each DP rank (DeepSpeed's gradient_accumulation_steps;
+        the pipeline's micro-batches with pp > 1)."""
+        return self.train.grad_accum * self.parallel.micro_batches
+
+    def tokens_per_step(self, dp: int) -> int:
+        """Tokens one optimizer step trains on, over `dp` data-parallel replicas."""
+        return self.data.micro_batch_size * self.data.seq_len * self.micro_batches_per_step * dp
 
     def check(self) -> Problems:
         out: Problems = []

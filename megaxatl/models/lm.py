@@ -84,15 +84,19 @@ class LM(nn.Module):
         # padded vocab rows exist for TP / kernels only; they are never predicted
         return out[..., : self.cfg.vocab_size] if out.shape[-1] != self.cfg.vocab_size else out
 
-    def forward(self, input_ids: torch.Tensor, cache: list | None = None):
-        """input_ids: (B, L) -> logits (B, L, vocab). With `cache` -> (logits, new cache)."""
+    def forward(self, input_ids: torch.Tensor, cache: list | None = None, labels: torch.Tensor | None = None):
+        """input_ids: (B, L) -> logits (B, L, vocab). With `cache` -> (logits, new cache). With
+        `labels` -> the loss (so a wrapper such as DeepSpeed's engine reaches `loss`, which under
+        tensor parallelism never gathers the full logits)."""
+        if labels is not None:
+            return self.loss(input_ids, labels)
         hidden, new_cache = self.hidden_states(input_ids, cache)
         logits = self.logits(hidden)
         return logits if cache is None else (logits, new_cache)
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross entropy in fp32; labels (B, L) are already shifted."""
-        logits = self(input_ids)
+        logits = self.logits(self.hidden_states(input_ids)[0])
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=ignore_index)
 
 

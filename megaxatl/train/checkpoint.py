@@ -8,6 +8,9 @@ Layout under `<out_dir>/checkpoints/`:
         mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt ...   engine.save_checkpoint:
                                 model, optimizer (every ZeRO stage's partitions), LR scheduler
         megaxatl_rank{r}.pt     per rank: data loader state, RNG states (python, numpy, torch[, cuda])
+        weights/                every rank's TP / PP shard of the fp32 weights under global keys
+                                (torch.distributed.checkpoint, checkpoint/sharded.py): what the
+                                export, `megaxatl reshard` and other layouts read
         megaxatl.json           rank 0, written last: step, freeze policy state, config, transfer
                                 report / transferred names, counters, world size
     .tmp-step_00000500/         a checkpoint being written (removed on the next start)
@@ -37,6 +40,7 @@ from megaxatl.checkpoint import CheckpointError
 from megaxatl.fsutil import fsync_dir, fsync_tree
 
 META = "megaxatl.json"
+WEIGHTS_DIR = "weights"  # fp32 weights under global keys, DCP format: readable at any layout
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 
@@ -126,8 +130,10 @@ def clean_partial(root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def save(engine, root: Path, step: int, meta: dict, rank_state: dict, keep_last: int) -> Path:
-    """Collective: every rank calls it. -> the checkpoint folder."""
+def save(engine, root: Path, step: int, meta: dict, rank_state: dict, keep_last: int,
+         write_weights=None) -> Path:
+    """Collective: every rank calls it. -> the checkpoint folder. write_weights(folder): a
+    collective writing the layout-free weights into `<tmp>/weights` (see sharded.py)."""
     root = Path(root)
     rank = dist.get_rank()
     tag = tag_for(step)
@@ -140,6 +146,8 @@ def save(engine, root: Path, step: int, meta: dict, rank_state: dict, keep_last:
     tmp = root / tmp_tag
     tmp.mkdir(parents=True, exist_ok=True)
     torch.save(rank_state, tmp / f"megaxatl_rank{rank}.pt")
+    if write_weights is not None:
+        write_weights(tmp / WEIGHTS_DIR)
     dist.barrier()  # every rank's files are written
     if rank == 0:
         (tmp / META).write_text(json.dumps({**meta, "step": step, "tag": tag}, indent=1) + "\n")

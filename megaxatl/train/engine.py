@@ -72,9 +72,11 @@ def ds_config(cfg: Config, world_size: int) -> dict:
             zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     out = {
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": cfg.data.micro_batch_size * t.grad_accum * dp,
-        "gradient_clipping": t.grad_clip,
+        "gradient_accumulation_steps": cfg.micro_batches_per_step,
+        "train_batch_size": cfg.data.micro_batch_size * cfg.micro_batches_per_step * dp,
+        # fp32 without ZeRO: the trainer's StepGuard clips (DeepSpeed's fp32 clipping counts a
+        # replicated parameter only on the first pipeline stage's first TP rank)
+        "gradient_clipping": 0.0 if own_clipping(cfg) else t.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": t.dtype == "bf16"},
         "fp16": {"enabled": False},
@@ -89,9 +91,16 @@ def ds_config(cfg: Config, world_size: int) -> dict:
     return out
 
 
-def create_engine(model: torch.nn.Module, optimizer, scheduler, cfg: Config, world_size: int):
+def own_clipping(cfg: Config) -> bool:
+    """True where the trainer takes the gradient norm and clips itself (see StepGuard)."""
+    return cfg.parallel.zero_stage == 0 and cfg.train.dtype == "fp32"
+
+
+def create_engine(model: torch.nn.Module, optimizer, scheduler, cfg: Config, world_size: int, mpu=None):
+    """A DeepSpeedEngine, or a PipelineEngine when `model` is a PipelineModule (which brings its
+    own grid); `mpu` (the TP x DP grid) with tensor parallelism alone."""
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config(cfg, world_size))
+                                           config=ds_config(cfg, world_size), mpu=mpu)
     return engine

@@ -103,8 +103,10 @@ def _parse(line: str) -> dict | None:
 class Metrics:
     """Rank-0 sink for training records. Other ranks get a no-op object (`enabled` False)."""
 
-    def __init__(self, cfg: Config, out_dir: Path, rank: int, world_size: int, resume_step: int = 0):
-        self.cfg, self.enabled, self.world = cfg, rank == 0, world_size
+    def __init__(self, cfg: Config, out_dir: Path, rank: int, world_size: int, resume_step: int = 0,
+                 dp: int | None = None):
+        # world: every device (for per-device FLOP/s); dp: the data-parallel replicas (for tokens)
+        self.cfg, self.enabled, self.world, self.dp = cfg, rank == 0, world_size, dp or world_size
         self.flops_per_token = flops_per_token(cfg)
         self.peak = peak_tflops(cfg)
         self.path = Path(out_dir) / "metrics.jsonl"
@@ -158,7 +160,7 @@ class Metrics:
         record = {"kind": "train", "step": step, **values, "tokens_per_s": tokens_per_s, "tflops": tflops}
         if self.peak:
             record["mfu"] = tflops / self.peak
-        tokens_per_step = self.cfg.data.micro_batch_size * self.cfg.data.seq_len * self.cfg.train.grad_accum * self.world
+        tokens_per_step = self.cfg.tokens_per_step(self.dp)
         recent = sorted(self._rates[-20:])
         rate = recent[len(recent) // 2]  # median: robust to one slow step
         record["eta_s"] = (total_steps - step) * tokens_per_step / rate if rate > 0 else float("inf")

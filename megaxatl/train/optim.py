@@ -40,10 +40,15 @@ def _bias_and_embedding_ids(model: nn.Module) -> tuple[set[int], set[int]]:
     return biases, embeddings
 
 
-def param_groups(model: nn.Module, transferred: set[str] | list[str], cfg: TrainConfig) -> list[dict]:
-    """-> torch param-group dicts, each with a `role` key (read by the scheduler) and `names`."""
+def param_groups(model: nn.Module, transferred: set[str] | list[str], cfg: TrainConfig,
+                 named: list | None = None, all_names: set[str] | None = None) -> list[dict]:
+    """-> torch param-group dicts, each with a `role` key (read by the scheduler) and `names`.
+
+    named: [(global name, parameter)] when `model`'s own names are not the global ones (a pipeline
+    stage); all_names: every global name of the whole model, to check `transferred` against."""
     transferred = set(transferred)
-    names = {n for n, _ in model.named_parameters()}
+    named = list(model.named_parameters()) if named is None else named
+    names = all_names if all_names is not None else {n for n, _ in named}
     unknown = sorted(transferred - names)
     if unknown:
         # A transfer output for another layout: refuse rather than silently train it all.
@@ -51,7 +56,7 @@ def param_groups(model: nn.Module, transferred: set[str] | list[str], cfg: Train
     biases, embeddings = _bias_and_embedding_ids(model)
     buckets: dict[str, tuple[list, list]] = {r: ([], []) for r in ROLES}
     seen: set[int] = set()
-    for name, p in model.named_parameters():
+    for name, p in named:
         if id(p) in seen:  # tied weights appear once
             continue
         seen.add(id(p))

@@ -1,16 +1,24 @@
 """The training loop: `run(cfg)` trains, evaluates, checkpoints, resumes and exports.
 
-One optimizer step = `train.grad_accum` micro-batches per rank. Per micro-batch: forward through
-the DeepSpeed engine, the loss is all-reduced (its DP mean is what we log and what the freeze
-policy sees, so every rank decides the same), then engine.backward / engine.step (DeepSpeed only
-steps the optimizer at the accumulation boundary).
+Any TP x PP x DP layout (parallel.*; world size = tp x pp x dp, checked first). The model is
+built whole, then made parallel (train/parallelize.py); data is sharded over DP only, so the TP
+ranks of a replica and the stages of a pipeline read the same batches.
 
-Non-finite loss: the micro-batch is dropped before its backward, so it never touches gradients,
-optimizer moments or weights (all ranks agree, the check is on the all-reduced loss), and the
-next batch takes its place; it is counted (`skipped`), and `train.max_bad_steps` bad micro-batches
-in a row stop the run with TrainingDiverged, leaving the checkpoints as they were (nothing is saved
-after the last good step). Only the loss is checked: with bf16 or fp32 DeepSpeed has no overflow
-check on gradients, so a non-finite gradient under a finite loss is not caught.
+One optimizer step = `train.grad_accum x parallel.micro_batches` micro-batches per DP rank.
+Without pipeline parallelism, per micro-batch: forward through the DeepSpeed engine (the model
+returns the loss: vocab-parallel under TP), the loss is all-reduced (its mean is what we log and
+what the freeze policy sees, so every rank decides the same), then engine.backward / engine.step
+(DeepSpeed only steps the optimizer at the accumulation boundary). With pp > 1 DeepSpeed's
+pipeline engine runs the whole step (1F1B over the micro-batches) in `train_batch`.
+
+Non-finite values, two guards:
+- a non-finite loss (plain loop): the micro-batch is dropped before its backward, so it never
+  touches gradients, optimizer moments or weights (all ranks agree, the check is on the
+  all-reduced loss), and the next batch takes its place;
+- a non-finite gradient (under a finite loss, or any bad micro-batch of a pipeline step): the
+  StepGuard (train/guard.py) skips the optimizer update on every rank.
+Each is counted (`skipped`), and `train.max_bad_steps` in a row stop the run with
+TrainingDiverged, leaving the checkpoints as they were (nothing is saved after the last good step).
 
 Stopping early: SIGTERM/SIGINT (a preempted job) or `stop_after` finish the current step, save a
 checkpoint and return; the next start with the same out_dir resumes from it exactly (weights,
@@ -32,17 +40,18 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from megaxatl.config import Config, ConfigError, config_to_dict
 from megaxatl.train import checkpoint as ckpt
 from megaxatl.train.data import build_loaders, bytes_per_token
-from megaxatl.train.engine import create_engine, init_distributed
-from megaxatl.train.evaluate import evaluate
+from megaxatl.train.engine import create_engine, init_distributed, own_clipping
+from megaxatl.train.evaluate import evaluate, evaluate_pipeline
 from megaxatl.train.freeze import FreezePolicy, GradGate
+from megaxatl.train.guard import StepGuard
 from megaxatl.train.init import build_initial
 from megaxatl.train.metrics import Metrics
 from megaxatl.train.optim import build_optimizer, param_groups
+from megaxatl.train.parallelize import parallel_state, parallelize
 from megaxatl.train.schedule import GroupLRScheduler, base_lr
 
 class TrainingDiverged(RuntimeError):
@@ -93,22 +102,28 @@ class _StopSignal:
 
 
 def _loss(engine, batch, device) -> torch.Tensor:
-    # LM.loss's cross entropy, but the forward goes through engine(...) so DeepSpeed's forward
-    # machinery runs (ZeRO-3 parameter gathers, grad-accumulation scaling of the output).
-    logits = engine(batch["input_ids"].to(device))
-    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].to(device).flatten(), ignore_index=-100)
+    # LM.forward(ids, labels=) returns LM.loss; the call goes through engine(...) so DeepSpeed's
+    # forward machinery runs (ZeRO-3 parameter gathers, grad-accumulation scaling of the output).
+    return engine(batch["input_ids"].to(device), labels=batch["labels"].to(device))
 
 
-def _grad_norm(module: torch.nn.Module) -> float:
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+class _PoisonGrad(torch.autograd.Function):
+    """Test hook: a finite loss whose gradient is infinite (what the StepGuard must catch)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
 
 
-def _check_parallel(cfg: Config, source: str) -> None:
-    if cfg.parallel.tp > 1:
-        raise ConfigError(source, "parallel.tp", "tensor parallelism is not wired into the trainer yet (use tp 1)")
-    if cfg.parallel.pp > 1:
-        raise ConfigError(source, "parallel.pp", "pipeline parallelism is not wired into the trainer yet (use pp 1)")
+def _pipe_batches(data, device):
+    """The loader's dicts as the (inputs, labels) pairs DeepSpeed's pipeline engine reads (only
+    the first and last stage read; both see the same batches: data is sharded by DP rank)."""
+    for batch in data:
+        yield batch["input_ids"].to(device), batch["labels"].to(device)
 
 
 def _quiet_deepspeed() -> None:
@@ -127,9 +142,8 @@ def run(cfg: Config, *, source: str = "", stop_after: int | None = None,
 
     source: the config file, named in config errors. stop_after: stop (with a checkpoint) once
     this many optimizer steps are done in total. fault: test hook, (step, micro) -> True makes
-    that micro-batch's loss NaN.
+    that micro-batch's loss NaN, "grad" its gradient infinite under a finite loss.
     """
-    _check_parallel(cfg, source)
     trainer = Trainer(cfg, source, fault)
     try:
         return trainer.fit(stop_after)
@@ -145,6 +159,14 @@ class Trainer:
         self.rank, self.world, local_rank = init_distributed()
         _quiet_deepspeed()
         self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        self.par = parallel_state(cfg, self.world, source)  # the layout is checked before anything else
+        self.pipeline = self.par.pp > 1
+        from megaxatl.checkpoint.sharded import check_layout
+
+        try:
+            self.layout = check_layout(cfg.model, self.par.tp, self.par.pp)  # TP rules, shapes, stages
+        except ValueError as e:
+            raise ConfigError(source, "parallel", str(e)) from None
         t = cfg.train
         self.out = Path(t.out_dir)
         self.ckpt_root = self.out / "checkpoints"
@@ -166,17 +188,21 @@ class Trainer:
         self.tokenizer_dir = saved.get("tokenizer_dir") if saved else init.tokenizer_dir
         model = init.model
         model.gradient_checkpointing = cfg.parallel.activation_checkpointing
+        all_names = {n for n, _ in model.named_parameters()}
+        self.built = parallelize(model, cfg, self.par, loss_wrapper=self._inject_fault if fault else None)
 
         self.freeze = FreezePolicy(cfg.transfer.freeze)
-        groups = param_groups(model, self.transferred, t)
+        groups = param_groups(self.built.module, self.transferred, t, named=self.built.named, all_names=all_names)
         optimizer = build_optimizer(groups, t)
+        self.guard = StepGuard(optimizer, clip=t.grad_clip if own_clipping(cfg) else 0.0,
+                               tp_rank=self.par.tp_rank, dp=self.par.dp)
         self.scheduler = GroupLRScheduler(optimizer, t, self.freeze)
         self.gate = GradGate(p for g in groups if g["role"].startswith("transferred") for p in g["params"])
         # data first: a bad shard folder fails here, before the engine's set-up
-        self.train_loader, self.val_loader, manifest = build_loaders(cfg, self.rank, self.world,
+        self.train_loader, self.val_loader, manifest = build_loaders(cfg, self.par.dp_rank, self.par.dp,
                                                                      self.tokenizer_dir, source)
         self.bytes_per_token = bytes_per_token(manifest)
-        self.engine = create_engine(model, optimizer, self.scheduler, cfg, self.world)
+        self.engine = create_engine(self.built.module, optimizer, self.scheduler, cfg, self.world, mpu=self.built.mpu)
 
         self.step, self.skipped, self.resumed_from, self.last_ckpt = 0, 0, None, latest
         if latest is not None:
@@ -195,48 +221,53 @@ class Trainer:
             self.gate.close()
         self.scheduler.apply()  # the freeze state is known now
 
-        self.metrics = Metrics(cfg, self.out, self.rank, self.world, resume_step=self.step)
+        self.metrics = Metrics(cfg, self.out, self.rank, self.world, resume_step=self.step, dp=self.par.dp)
         self.metrics.event(self.step, "resume" if latest else "start", world_size=self.world, source=init.source,
-                           zero_stage=cfg.parallel.zero_stage, dtype=t.dtype, transferred=len(self.transferred),
-                           flops_per_token=self.metrics.flops_per_token)
+                           layout=self.par.describe(), zero_stage=cfg.parallel.zero_stage, dtype=t.dtype,
+                           transferred=len(self.transferred), flops_per_token=self.metrics.flops_per_token)
         # DeepSpeed reports the gradient norm from its ZeRO / bf16 optimizers, not in plain fp32
-        # DP: there we take it ourselves from the reduced gradients before the optimizer step.
-        self.own_grad_norm = cfg.parallel.zero_stage == 0 and t.dtype == "fp32"
-        self.grad_norm = None
+        # without ZeRO: there the StepGuard takes it (and clips).
+        self.own_grad_norm = own_clipping(cfg)
         self.bad_streak = 0
+        self._micro = 0
         self.losses: dict[int, float] = {}
         self.last_val = None
 
     # ---------------------------------------------------------------------------- the loop
     def fit(self, stop_after: int | None = None) -> TrainResult:
         t = self.cfg.train
-        tokens_per_step = self.cfg.data.micro_batch_size * self.cfg.data.seq_len * t.grad_accum * self.world
-        window, window_time = [], 0.0
+        tokens_per_step = self.cfg.tokens_per_step(self.par.dp)
+        window, window_time, steps_in_window = [], 0.0, 0
         if self.resumed_from is None:
             self.evaluate()  # the starting point: where XATL and scratch differ most
         data = iter(self.train_loader)
+        if self.pipeline:
+            data = _pipe_batches(data, self.device)
         with _StopSignal() as stop_signal:
             while self.step < t.steps:
                 t0 = time.perf_counter()
-                loss = self.train_step(data)
-                window.append(loss)
+                loss = self.train_step(data)  # None: the update was skipped
+                if loss is not None:
+                    window.append(loss)
+                steps_in_window += 1
                 window_time += time.perf_counter() - t0
                 step = self.step
                 lr = base_lr(step, t)
                 lr_transferred = lr * self.freeze.lr_multiplier(step)  # what this step used
-                if self.freeze.observe(step, loss):
+                if loss is not None and self.freeze.observe(step, loss):
                     self.gate.open()
                     self.scheduler.apply()
                     if self.gate.params:
                         self.metrics.event(step, "unfreeze", policy=self.freeze.policy,
                                            warmup_steps=self.cfg.transfer.freeze.warmup_steps)
                 if step % self.cfg.logging.log_interval == 0 or step == t.steps:
-                    norm = self.grad_norm if self.own_grad_norm else self.engine.get_global_grad_norm()
-                    self.metrics.train(step, t.steps, tokens=tokens_per_step * len(window), seconds=window_time,
-                                       loss=sum(window) / len(window), lr=lr, lr_transferred=lr_transferred,
+                    norm = self.guard.last_norm if self.own_grad_norm else self.engine.get_global_grad_norm()
+                    self.metrics.train(step, t.steps, tokens=tokens_per_step * steps_in_window, seconds=window_time,
+                                       loss=sum(window) / len(window) if window else float("nan"), lr=lr,
+                                       lr_transferred=lr_transferred,
                                        grad_norm=float(norm) if norm is not None else None, frozen=self.freeze.frozen,
                                        skipped=self.skipped, tokens_seen=step * tokens_per_step)
-                    window, window_time = [], 0.0
+                    window, window_time, steps_in_window = [], 0.0, 0
                 if step % t.eval_interval == 0 or step == t.steps:
                     self.evaluate()
                 stopping = self._agree(stop_signal.flag or (stop_after is not None and step >= stop_after))
@@ -255,44 +286,81 @@ class Trainer:
                            self.skipped, self.resumed_from, self.freeze.unfrozen_at, final_dir, self.last_ckpt,
                            dict(self.losses))
 
-    def train_step(self, data) -> float:
-        """One optimizer step over `grad_accum` good micro-batches; -> its DP-mean loss."""
-        t, gas = self.cfg.train, self.cfg.train.grad_accum
+    def train_step(self, data) -> float | None:
+        """One optimizer step; -> its DP-mean loss, or None when the update was skipped."""
+        skipped_before = self.engine.skipped_steps
+        self.guard.last_skipped = False
+        self._micro = 0
+        loss = self._pipeline_step(data) if self.pipeline else self._plain_step(data)
+        self.step += 1
+        # the LR schedule follows the step count, skipped updates included
+        self.scheduler.last_step = self.step
+        self.scheduler.apply()
+        if self.guard.last_skipped or self.engine.skipped_steps > skipped_before:
+            self._bad("gradients", f"non-finite gradient (loss {loss:.4g})", self.step)
+            return None
+        self.bad_streak = 0
+        self.losses[self.step] = loss
+        return loss
+
+    def _plain_step(self, data) -> float:
+        """`micro_batches_per_step` good micro-batches (a non-finite loss is replaced by the next)."""
+        gas = self.cfg.micro_batches_per_step
         micro_losses: list[float] = []
         while len(micro_losses) < gas:
             loss = _loss(self.engine, next(data), self.device)
-            if self.fault is not None and self.fault(self.step + 1, len(micro_losses)):
+            hit = self.fault(self.step + 1, len(micro_losses)) if self.fault is not None else False
+            if hit == "grad":
+                loss = _PoisonGrad.apply(loss)
+            elif hit:
                 loss = loss * float("nan")
             mean = loss.detach().float().clone()
             dist.all_reduce(mean)  # every rank sees the same value, so every rank skips alike
             mean = mean.item() / self.world
             if not math.isfinite(mean):
                 del loss  # dropped before backward: no gradient, moment or weight is touched
-                self.skipped += 1
-                self.bad_streak += 1
-                self.metrics.event(self.step, "skip", reason="non-finite loss", streak=self.bad_streak)
-                if self.bad_streak >= t.max_bad_steps:
-                    msg = (f"{self.bad_streak} non-finite losses in a row at step {self.step + 1} "
-                           f"(train.max_bad_steps = {t.max_bad_steps}); stopping. The last good checkpoint is "
-                           f"{self.last_ckpt or 'none (no checkpoint was saved yet)'}")
-                    self.metrics.event(self.step, "diverged", message=msg)
-                    raise TrainingDiverged(msg)
+                self._bad("losses", "non-finite loss", self.step + 1)
                 continue
-            self.bad_streak = 0
             self.engine.backward(loss)
-            if self.own_grad_norm and len(micro_losses) == gas - 1:
-                self.grad_norm = _grad_norm(self.engine.module)
             self.engine.step()  # DeepSpeed steps the optimizer (and the scheduler) at the boundary
             micro_losses.append(mean)
-        self.step += 1
-        self.losses[self.step] = sum(micro_losses) / gas
-        return self.losses[self.step]
+        return sum(micro_losses) / gas
+
+    def _pipeline_step(self, data) -> float:
+        return float(self.engine.train_batch(data_iter=data))
+
+    def _inject_fault(self, loss_fn):
+        """Test hook for the pipeline: fault(step, micro) -> True makes that micro-batch's loss NaN."""
+        def wrapped(logits, labels):
+            loss = loss_fn(logits, labels)
+            hit = self.fault(self.step + 1, self._micro)
+            self._micro += 1
+            return loss * float("nan") if hit else loss
+        return wrapped
+
+    def _bad(self, kind: str, reason: str, at_step: int) -> None:
+        """Count a dropped micro-batch (kind 'losses') or a skipped update ('gradients') at
+        optimizer step `at_step`; stop after train.max_bad_steps in a row."""
+        self.skipped += 1
+        self.bad_streak += 1
+        self.metrics.event(self.step, "skip", reason=reason, streak=self.bad_streak)
+        t = self.cfg.train
+        if self.bad_streak >= t.max_bad_steps:
+            msg = (f"{self.bad_streak} non-finite {kind} in a row at step {at_step} "
+                   f"(train.max_bad_steps = {t.max_bad_steps}); stopping. The last good checkpoint is "
+                   f"{self.last_ckpt or 'none (no checkpoint was saved yet)'}")
+            self.metrics.event(self.step, "diverged", message=msg)
+            raise TrainingDiverged(msg)
 
     # ----------------------------------------------------------------------- bookkeeping
     def evaluate(self) -> None:
         if self.val_loader is None:
             return
-        val = evaluate(self.engine, self.val_loader, self.cfg.train.eval_steps, self.bytes_per_token, self.device)
+        if self.pipeline:
+            val = evaluate_pipeline(self.engine, self.val_loader, self.cfg.train.eval_steps, self.bytes_per_token,
+                                    self.device)
+        else:
+            val = evaluate(self.engine, self.val_loader, self.cfg.train.eval_steps, self.bytes_per_token, self.device)
         if val is not None:
             self.last_val = val
             self.metrics.eval(self.step, **val)
@@ -300,10 +368,29 @@ class Trainer:
     def save(self) -> None:
         meta = {"config": config_to_dict(self.cfg), "freeze": self.freeze.state_dict(),
                 "transferred": self.transferred, "report": self.report, "tokenizer_dir": self.tokenizer_dir,
-                "skipped": self.skipped, "world_size": self.world, "source": self.source_kind}
+                "skipped": self.skipped, "world_size": self.world, "source": self.source_kind,
+                "layout": {"tp": self.par.tp, "pp": self.par.pp, "dp": self.par.dp}}
         rank_state = {"loader": self.train_loader.state_dict(), "rng": ckpt.rng_state()}
-        self.last_ckpt = ckpt.save(self.engine, self.ckpt_root, self.step, meta, rank_state, self.cfg.train.keep_last)
+        self.last_ckpt = ckpt.save(self.engine, self.ckpt_root, self.step, meta, rank_state, self.cfg.train.keep_last,
+                                   write_weights=self._write_weights)
         self.metrics.event(self.step, "checkpoint", path=str(self.last_ckpt))
+
+    def _write_weights(self, folder: Path) -> None:
+        """Collective: this rank's fp32 weights (DeepSpeed's master copy where it keeps one) under
+        global keys; the first DP replica writes, the stage owning a key writes it (the tied
+        head's copy on the last stage is stage 0's embedding)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        from megaxatl.checkpoint.sharded import save_sharded
+        from megaxatl.parallel.stages import stage_of_key
+
+        local = {}
+        for name, p in self.built.named:
+            full = safe_get_full_fp32_param(p)  # ZeRO / bf16: gathers the master copy (collective)
+            if stage_of_key(name, self.layout.bounds) == self.par.pp_rank:
+                local[name] = (full if full is not None else p.detach()).float().cpu()
+        save_sharded(folder, local, self.layout.rules, self.layout.shapes, self.par.tp_rank, self.par.tp,
+                     writer=self.par.dp_rank == 0)
 
     @staticmethod
     def _agree(flag: bool) -> bool:
@@ -320,15 +407,16 @@ class Trainer:
 
 def _export(engine, cfg: Config, out: Path, last_ckpt: Path, step: int, transferred, report, tokenizer_dir,
             source: str) -> Path:
-    """Write the trained weights as a model folder (`<out_dir>/final`), fp32, global names."""
-    from megaxatl.checkpoint import save_model_dir
+    """Write the trained weights as a model folder (`<out_dir>/final`), fp32, global names, from
+    the last checkpoint's layout-free weights (rank 0, one tensor in memory at a time)."""
+    from megaxatl.checkpoint.reshard import save_model_dir_streaming
+    from megaxatl.checkpoint.sharded import ShardedCheckpoint
 
-    state = ckpt.consolidated_state_dict(engine, last_ckpt, cfg.parallel.zero_stage)
     final = out / "final"
     if dist.get_rank() == 0:
-        meta = {"config": config_to_dict(cfg), "step": step, "transferred": transferred, "report": report,
-                "trained_from": source}
+        meta = {"step": step, "transferred": transferred, "report": report, "trained_from": source}
         tok = tokenizer_dir if tokenizer_dir and Path(tokenizer_dir).is_dir() else None
-        save_model_dir(final, state, meta, tokenizer_dir=tok, overwrite=True)
+        save_model_dir_streaming(final, ShardedCheckpoint(last_ckpt / ckpt.WEIGHTS_DIR), config_to_dict(cfg), meta,
+                                 tokenizer_dir=tok, overwrite=True)
     dist.barrier()
     return final

@@ -1,0 +1,73 @@
+"""The built model made parallel for this rank (torchtitan's order: build whole, then apply).
+
+    plain LM (same seed / same weights on every rank)
+      -> tensor parallel (tp > 1): parallel.apply_tensor_parallel over the TP group
+      -> pipeline stage  (pp > 1): parallel.pipeline.build_pipeline, this rank's stage only
+      -> DeepSpeed (ZeRO over the DP group) in the trainer
+
+Every parameter keeps its global (canonical, layout-free) name here, which is what the optimizer
+groups, the freeze policy, the checkpoints and the logs use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from megaxatl.config import Config, ConfigError
+from megaxatl.parallel.groups import ParallelState, layout_problem, setup_parallel
+
+
+@dataclass
+class Parallelized:
+    module: nn.Module  # what DeepSpeed wraps: the (TP) LM, or this rank's PipelineModule stage
+    lm: nn.Module      # the (TP-sharded) LM; with pp > 1 only this stage's parts are used
+    named: list       # [(global name, parameter)] this rank holds, tied copies once
+    state: ParallelState
+
+    @property
+    def mpu(self) -> Any:
+        # a PipelineModule brings its own grid; TP alone needs ours for DP-only reduction
+        return self.state.grid if self.state.tp > 1 and self.state.pp == 1 else None
+
+
+def parallel_state(cfg: Config, world: int, source: str = "") -> ParallelState:
+    p = cfg.parallel
+    problem = layout_problem(p.tp, p.pp, world)
+    if problem:
+        raise ConfigError(source, "parallel", problem)
+    try:
+        from megaxatl.parallel.stages import stage_bounds
+
+        stage_bounds(cfg.model, p.pp)
+    except ValueError as e:
+        raise ConfigError(source, "parallel.pp", str(e)) from None
+    return setup_parallel(p.tp, p.pp)
+
+
+def parallelize(lm, cfg: Config, state: ParallelState, loss_wrapper=None) -> Parallelized:
+    """loss_wrapper: loss_fn -> loss_fn, applied to the pipeline's last-stage loss (a test hook)."""
+    if state.tp > 1:
+        from megaxatl.parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(lm, state.tp_group, sequence_parallel=cfg.parallel.sequence_parallel)
+    if state.pp == 1:
+        return Parallelized(lm, lm, _unique(lm.named_parameters()), state)
+    from megaxatl.parallel.pipeline import build_pipeline, stage_named_parameters
+
+    from megaxatl.parallel.pipeline import pipeline_loss
+
+    loss_fn = pipeline_loss(lm)
+    module, names = build_pipeline(lm, state.topology, loss_wrapper(loss_fn) if loss_wrapper else loss_fn)
+    return Parallelized(module, lm, list(stage_named_parameters(module, names)), state)
+
+
+def _unique(named) -> list:
+    seen, out = set(), []
+    for name, p in named:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append((name, p))
+    return out
