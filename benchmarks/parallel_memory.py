@@ -42,24 +42,10 @@ def _config(args, tp, pp, zero):
     })
 
 
-def _nbytes(tensors, seen: set) -> int:
-    import torch
-
-    total = 0
-    for t in tensors:
-        if not isinstance(t, torch.Tensor):
-            continue
-        st = t.untyped_storage()
-        key = (st.data_ptr(), st.nbytes())
-        if st.nbytes() and key not in seen:
-            seen.add(key)
-            total += st.nbytes()
-    return total
-
-
 def worker(args) -> None:
     import torch
 
+    from megaxatl.cluster.plan import storage_bytes
     from megaxatl.models import build
     from megaxatl.train.engine import create_engine, init_distributed
     from megaxatl.train.optim import build_optimizer, param_groups
@@ -86,10 +72,10 @@ def worker(args) -> None:
         engine.backward(engine(ids, labels=labels))
         engine.step()
     seen: set = set()
-    params = _nbytes(engine.module.parameters(), seen)
+    params = storage_bytes(engine.module.parameters(), seen)
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    optim = _nbytes((p for grp in inner.param_groups for p in grp["params"]), seen)  # ZeRO's fp32 partitions
-    optim += _nbytes((v for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)
+    optim = storage_bytes((p for grp in inner.param_groups for p in grp["params"]), seen)  # ZeRO's fp32 partitions
+    optim += storage_bytes((v for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)
                       and v.dim() > 0), seen)
     Path(args.out, f"rank{rank}.json").write_text(json.dumps({"params": params, "optim": optim, "dp": state.dp}))
     engine.destroy()

@@ -12,18 +12,7 @@ from pathlib import Path
 
 import torch
 
-
-def nbytes(tensors, seen: set) -> int:
-    total = 0
-    for t in tensors:
-        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-            continue
-        st = t.untyped_storage()
-        key = (st.data_ptr(), st.nbytes())
-        if st.nbytes() and key not in seen:
-            seen.add(key)
-            total += st.nbytes()
-    return total
+from megaxatl.cluster.plan import storage_bytes as nbytes
 
 
 def measure(cfg, rank: int, world: int) -> dict:

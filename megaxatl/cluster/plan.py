@@ -103,6 +103,24 @@ class Row:
         return self.weights + self.grads + self.optim + self.acts + self.buffers
 
 
+def storage_bytes(tensors, seen: set) -> int:
+    """Measured bytes of `tensors` (the planner's counterpart, read by its test and the parallel
+    memory benchmark): each distinct storage once across calls sharing `seen`; meta tensors and
+    non-tensors count nothing."""
+    import torch
+
+    total = 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            continue
+        st = t.untyped_storage()
+        key = (st.data_ptr(), st.nbytes())
+        if st.nbytes() and key not in seen:
+            seen.add(key)
+            total += st.nbytes()
+    return total
+
+
 def _dtype_bytes(dtype: str) -> int:
     return 2 if dtype == "bf16" else 4
 

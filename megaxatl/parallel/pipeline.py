@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -112,7 +111,6 @@ def build_pipeline(lm, topology, loss_fn: Callable | None = None):
     pp = topology.get_dim("pipe")
     bounds = stage_bounds(lm.cfg, pp)
     tied = lm.lm_head is None
-    n = len(lm.layers)
     specs: list = []
     if tied:
         specs.append(TiedLayerSpec("embed", PipeEmbedding, lm.embed, forward_fn=_tied_embed_forward,
@@ -136,8 +134,6 @@ def build_pipeline(lm, topology, loss_fn: Callable | None = None):
 
     module = StagedPipeline(specs, topology=topology, loss_fn=loss_fn or pipeline_loss(lm),
                             partition_method="uniform")
-    module.megaxatl_bounds = bounds
-    module.megaxatl_layers = n
     local = {id(p): names[id(p)] for p in module.parameters()}
     return module, local
 
@@ -149,14 +145,3 @@ def stage_named_parameters(module, names: dict[int, str]):
         if id(p) not in seen:
             seen.add(id(p))
             yield names[id(p)], p
-
-
-def pipeline_topology(tp: int, pp: int, dp: int):
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
-    return PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
-
-
-def is_tied_copy(module, param: torch.Tensor) -> bool:
-    """True for the last stage's copy of the tied embedding (stage 0 owns it)."""
-    return bool(getattr(param, "ds_pipe_replicated", False))

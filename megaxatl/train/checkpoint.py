@@ -204,25 +204,3 @@ def load(engine, path: Path, world_size: int, zero_stage: int) -> tuple[dict, di
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise _damaged(path, e, rank_file) from e
     return meta, rank_state
-
-
-def consolidated_state_dict(engine, path: Path, zero_stage: int) -> dict | None:
-    """Full fp32 weights under their global names, on rank 0 (None elsewhere).
-
-    ZeRO-1/2/3 keep fp32 master weights partitioned in the optimizer state; DeepSpeed's
-    zero_to_fp32 reassembles them from the saved checkpoint `path` (no extra collectives, the
-    master copy rather than the bf16 compute copy). Without ZeRO the module holds the weights.
-    """
-    if dist.get_rank() != 0:
-        return None
-    if zero_stage > 0:
-        import contextlib
-        import io
-
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its chatter
-            state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    else:
-        state = engine.module.state_dict()
-    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}

@@ -38,12 +38,6 @@ def parallel_state(cfg: Config, world: int, source: str = "") -> ParallelState:
     problem = layout_problem(p.tp, p.pp, world)
     if problem:
         raise ConfigError(source, "parallel", problem)
-    try:
-        from megaxatl.parallel.stages import stage_bounds
-
-        stage_bounds(cfg.model, p.pp)
-    except ValueError as e:
-        raise ConfigError(source, "parallel.pp", str(e)) from None
     return setup_parallel(p.tp, p.pp)
 
 

@@ -159,14 +159,14 @@ class Trainer:
         self.rank, self.world, local_rank = init_distributed()
         _quiet_deepspeed()
         self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-        self.par = parallel_state(cfg, self.world, source)  # the layout is checked before anything else
-        self.pipeline = self.par.pp > 1
         from megaxatl.checkpoint.sharded import check_layout
 
-        try:
-            self.layout = check_layout(cfg.model, self.par.tp, self.par.pp)  # TP rules, shapes, stages
+        try:  # the layout is checked before anything else: TP splits, pipeline stages
+            self.layout = check_layout(cfg.model, cfg.parallel.tp, cfg.parallel.pp)
         except ValueError as e:
             raise ConfigError(source, "parallel", str(e)) from None
+        self.par = parallel_state(cfg, self.world, source)  # world = tp x pp x dp
+        self.pipeline = self.par.pp > 1
         t = cfg.train
         self.out = Path(t.out_dir)
         self.ckpt_root = self.out / "checkpoints"
@@ -382,12 +382,11 @@ class Trainer:
         from deepspeed.utils import safe_get_full_fp32_param
 
         from megaxatl.checkpoint.sharded import save_sharded
-        from megaxatl.parallel.stages import stage_of_key
 
         local = {}
         for name, p in self.built.named:
             full = safe_get_full_fp32_param(p)  # ZeRO / bf16: gathers the master copy (collective)
-            if stage_of_key(name, self.layout.bounds) == self.par.pp_rank:
+            if self.layout.stage_of(name) == self.par.pp_rank:
                 local[name] = (full if full is not None else p.detach()).float().cpu()
         save_sharded(folder, local, self.layout.rules, self.layout.shapes, self.par.tp_rank, self.par.tp,
                      writer=self.par.dp_rank == 0)
