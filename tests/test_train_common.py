@@ -70,6 +70,12 @@ def losses(out_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
 
 
+def records(out_dir: Path) -> dict[int, dict]:
+    """step -> the train record of metrics.jsonl (loss, grad_norm, lr, ...)."""
+    recs = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    return {r["step"]: r for r in recs if r["kind"] == "train"}
+
+
 def events(out_dir: Path) -> list[dict]:
     recs = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if line]
     return [r for r in recs if r["kind"] == "event"]
@@ -134,6 +140,17 @@ def make_init_dir(cfg_data: dict, out: Path, seed: int = 7) -> tuple[dict, list[
                    or n.endswith("o_proj.weight")]
     save_model_dir(out, state, {"config": config_to_dict(cfg), "transferred": transferred, "report": {"donor": "test"}})
     return state, transferred
+
+
+def continue_in(src: Path, dst: Path, data: dict, **parallel) -> dict:
+    """Copy run folder `src` to `dst`; -> config `data` set to resume there with `parallel`."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    data = json.loads(json.dumps(data))
+    data["parallel"] = parallel
+    data["train"]["out_dir"] = str(dst)
+    return data
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:

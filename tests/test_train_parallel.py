@@ -5,22 +5,17 @@ every rank. Run alone with `pytest -m multiprocess`."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from megaxatl.config import config_from_dict
 from megaxatl.train import run
-from test_train_common import (REPO, assert_ok, events, launch, make_init_dir, tiny_config, train_shards,  # noqa: F401
-                               write_config)
+from test_train_common import (REPO, assert_ok, continue_in, events, launch, make_init_dir, records,  # noqa: F401
+                               tiny_config, train_shards, write_config)
 
 pytestmark = pytest.mark.multiprocess
 WORKER = REPO / "tests" / "train_fault_worker.py"
-
-
-def records(out_dir):
-    import json
-
-    recs = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line]
-    return {r["step"]: r for r in recs if r["kind"] == "train"}
 
 
 def assert_same_run(ref: dict, got: dict, steps):
@@ -50,25 +45,47 @@ def test_tp2_pp2_matches_one_process_and_resumes_exactly(tmp_path, train_shards)
     data["train"]["out_dir"] = str(tmp_path / "tp2pp2")
     cfg = write_config(tmp_path / "tp2pp2.json", data)
     assert_ok(launch(cfg, nproc=4, extra=["--stop-after", "3"]))
+    # the step-3 checkpoint also resumes at other layouts (its layout-free weights and moments)
+    pp4 = continue_in(tmp_path / "tp2pp2", tmp_path / "pp4", data, pp=4)
+    pp4["model"]["pattern"] = "*MSR"  # '|' marks are layout: the model is the same
+    one = continue_in(tmp_path / "tp2pp2", tmp_path / "tp1pp1", data)
     assert_ok(launch(cfg, nproc=4))
     got = records(tmp_path / "tp2pp2")
     assert sorted(got) == list(range(1, 7))
     assert_same_run(records(tmp_path / "one"), got, range(1, 7))
     start = [e for e in events(tmp_path / "tp2pp2") if e["event"] in ("start", "resume")]
     assert [e["event"] for e in start] == ["start", "resume"] and start[0]["layout"] == "TP 2 x PP 2 x DP 1"
+    assert start[1]["optimizer"] == "restored" and "from_layout" not in start[1]
+
+    assert_ok(launch(write_config(tmp_path / "pp4.json", pp4), nproc=4))
+    run(config_from_dict(one))
+    for folder, layout in (("pp4", "TP 1 x PP 4 x DP 1"), ("tp1pp1", "TP 1 x PP 1 x DP 1")):
+        resumed = records(tmp_path / folder)
+        assert_same_run(got, resumed, range(4, 7))  # the same-layout resume's losses and norms
+        (event,) = [e for e in events(tmp_path / folder) if e["event"] == "resume"][-1:]
+        assert event["optimizer"] == "restored (layout-free)" and event["layout"] == layout
+        assert event["from_layout"].startswith("TP 2 x PP 2 x DP 1, ZeRO-0, fp32 -> ")
 
 
-def test_tp2_dp2_zero2_matches_one_process(tmp_path, train_shards):
+def test_tp2_dp2_zero2_matches_one_process_and_resumes_there(tmp_path, train_shards):
     # DP 2 x micro-batch 4 reads the same 8 samples per step as one process with micro-batch 8
-    data = tiny_config(tmp_path / "one", train_shards, model__n_heads=4, data__micro_batch_size=8, train__steps=5)
+    data = tiny_config(tmp_path / "one", train_shards, model__n_heads=4, data__micro_batch_size=8, train__steps=5,
+                       train__save_interval=3)
     run(config_from_dict(data))
+    one = json.loads(json.dumps(data))
     data["parallel"] = {"tp": 2, "zero_stage": 2}
     data["data"]["micro_batch_size"] = 4
     data["train"]["out_dir"] = str(tmp_path / "tp2dp2")
-    assert_ok(launch(write_config(tmp_path / "c.json", data), nproc=4))
-    ref, got = records(tmp_path / "one"), records(tmp_path / "tp2dp2")
+    assert_ok(launch(write_config(tmp_path / "c.json", data), nproc=4, extra=["--stop-after", "3"]))
+    # ZeRO-2 partitions over 2 DP ranks -> one process, ZeRO-0: moments from the layout-free state
+    resumed = continue_in(tmp_path / "tp2dp2", tmp_path / "resumed", one)
+    run(config_from_dict(resumed))
+    ref, got = records(tmp_path / "one"), {**records(tmp_path / "tp2dp2"), **records(tmp_path / "resumed")}
+    assert sorted(got) == list(range(1, 6))
     for s in range(1, 6):  # ZeRO's norm is its own: compare the losses
         assert abs(ref[s]["loss"] - got[s]["loss"]) <= 1e-5 * ref[s]["loss"], (s, ref[s], got[s])
+    (event,) = [e for e in events(tmp_path / "resumed") if e["event"] == "resume"]
+    assert event["optimizer"] == "restored (layout-free)" and event["from_layout"].startswith("TP 2 x PP 1 x DP 2, ZeRO-2")
 
 
 def test_pp2_zero1_tied_embedding_matches_one_process(tmp_path, train_shards):

@@ -11,7 +11,7 @@ from megaxatl.checkpoint.model_dir import (
 
 # the sharded format pulls in torch.distributed.checkpoint (most of a second): imported on first use
 _SHARDED = ("ShardedCheckpoint", "check_layout", "checkpoint_keys", "iter_full", "load_sharded", "local_chunks",
-            "read_full", "save_sharded", "save_sharded_dir", "verify_sharded_dir", "write_layout")
+            "read_full", "save_sharded", "save_sharded_dir", "seal_sharded", "verify_sharded_dir", "write_layout")
 
 
 def __getattr__(name: str):

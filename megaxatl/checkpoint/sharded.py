@@ -298,6 +298,36 @@ def save_sharded(path: str | Path, local: Mapping[str, torch.Tensor], rules: Map
         raise _dcp_failure(path, e) from None
 
 
+def _write_shards_json(f: Path, meta: dict | None, tp: int, pp: int, config: dict, digests: dict) -> None:
+    full = {"format": FORMAT, "version": 1, **(meta or {}), "layout": {"tp": tp, "pp": pp}, "config": config,
+            "sha256": dict(sorted(digests.items()))}
+    f.write_text(json.dumps(full, indent=2) + "\n")
+
+
+def seal_sharded(path: str | Path, config: dict, tp: int, pp: int, meta: dict | None = None, group=None) -> None:
+    """Collective over `group`, after save_sharded into `path`: write shards.json (format, layout,
+    config, every file's sha256), which makes the folder a sharded model folder whose files are
+    checked when read. Each rank hashes the files it wrote (DCP names them `__{rank}_*`), so the
+    hashing is spread over the ranks like the writing."""
+    path = Path(path)
+    use_dist = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank(group) if use_dist else 0
+    mine = {f.name: sha256_file(f) for f in sorted(path.glob(f"__{rank}_*.distcp"))}
+    parts = [mine]
+    if use_dist and dist.get_world_size(group) > 1:
+        parts = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, mine, group=group)
+    if rank == 0:
+        digests = {DCP_METADATA: sha256_file(path / DCP_METADATA)}
+        for part in parts:
+            digests.update(part)
+        tmp = path / f".{SHARDS_JSON}.tmp"
+        _write_shards_json(tmp, meta, tp, pp, config, digests)
+        tmp.replace(path / SHARDS_JSON)
+    if use_dist:
+        dist.barrier(group)
+
+
 def _infer_global_shape(key: str, rule: Rule, t: torch.Tensor, tp: int) -> Shape:
     shape = list(t.shape)
     if isinstance(rule, Shard):
@@ -486,13 +516,13 @@ def read_full(path: str | Path, keys: Iterable[str] | None = None, verify: bool 
     return dict(iter_full(path, keys, verify))
 
 
-def load_sharded(path: str | Path, local: Mapping[str, torch.Tensor], rules: Mapping[str, Rule],
+def load_sharded(path: str | Path | ShardedCheckpoint, local: Mapping[str, torch.Tensor], rules: Mapping[str, Rule],
                  tp_rank: int, tp_size: int, verify: bool = True) -> None:
     """Fill this rank's TP-local tensors in place (global keys, tp_rules.shard_tensor layout) from
-    a checkpoint written at any layout. No collective: each rank reads only its own regions
-    (copied pieces included). dtypes convert on copy."""
-    path = Path(path)
-    ckpt = ShardedCheckpoint(path, verify)
+    a checkpoint written at any layout (a folder, or one already open). No collective: each rank
+    reads only its own regions (copied pieces included). dtypes convert on copy."""
+    ckpt = path if isinstance(path, ShardedCheckpoint) else ShardedCheckpoint(path, verify)
+    path = ckpt.path
     entries = ckpt.entries()
     dests: dict[str, list[tuple[torch.Tensor, torch.Size]]] = {}
     for key, t in local.items():
@@ -778,9 +808,8 @@ def save_sharded_dir(out: str | Path, source: TensorSource, layout: Layout, conf
     with atomic_dir(out, overwrite) as tmp:
         tensors, nbytes = write_layout(tmp, source, layout)
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        full = {"format": FORMAT, "version": 1, **(meta or {}), "layout": {"tp": layout.tp, "pp": layout.pp},
-                "config": config, "sha256": {f: sha256_file(tmp / f) for f in files}}
-        (tmp / SHARDS_JSON).write_text(json.dumps(full, indent=2) + "\n")
+        _write_shards_json(tmp / SHARDS_JSON, meta, layout.tp, layout.pp, config,
+                           {f: sha256_file(tmp / f) for f in files})
         if tokenizer_dir is not None:
             shutil.copytree(tokenizer_dir, tmp / "tokenizer")
     return tensors, nbytes

@@ -367,6 +367,10 @@ class TrainConfig:
     optimizer: Literal["adamw", "ds_cpu_adam", "ds_fused_adam"] = "adamw"
     # Continue from out_dir's latest complete checkpoint when there is one.
     resume: bool = True
+    # Also save the AdamW moments layout-free in each checkpoint (optimizer/: 2 fp32 words per
+    # parameter), so a resume at another TP / PP / DP layout keeps them; false saves that disk
+    # and such a resume restarts the optimizer (weights are always layout-free).
+    portable_optimizer: bool = True
 
     def check(self) -> Problems:
         out: Problems = []

@@ -11,14 +11,21 @@ Layout under `<out_dir>/checkpoints/`:
         weights/                every rank's TP / PP shard of the fp32 weights under global keys
                                 (torch.distributed.checkpoint, checkpoint/sharded.py): what the
                                 export, `megaxatl reshard` and other layouts read
+        optimizer/              the AdamW moments the same way (train/portable.py), when
+                                train.portable_optimizer and the optimizer allow
         megaxatl.json           rank 0, written last: step, freeze policy state, config, transfer
-                                report / transferred names, counters, world size
+                                report / transferred names, counters, layout (tp, pp, dp, ZeRO
+                                stage, dtype), whether optimizer/ was written
     .tmp-step_00000500/         a checkpoint being written (removed on the next start)
 
 Atomicity: every rank writes into `.tmp-<tag>`; after a barrier rank 0 fsyncs it, renames it to
 `<tag>` and only then replaces `latest` (write a temp file + os.replace), then prunes to keep_last.
 A crash at any point leaves `latest` naming a complete checkpoint. Needs a filesystem all ranks
 share (one node, or a cluster filesystem), as DeepSpeed's own checkpointing does.
+
+Resuming: at the layout that wrote it, DeepSpeed's own files restore everything exactly. At another
+one (`layout_change` says which), the trainer reads weights/ (and optimizer/) instead, see
+train/portable.py; loader positions are global (consumed samples), so rank 0's serves every rank.
 
 A damaged checkpoint (a truncated or corrupt `.pt` file, a bad megaxatl.json) is a
 CheckpointError (a ValueError) naming the file, raised when loading; nothing falls back silently.
@@ -41,6 +48,7 @@ from megaxatl.fsutil import fsync_dir, fsync_tree
 
 META = "megaxatl.json"
 WEIGHTS_DIR = "weights"  # fp32 weights under global keys, DCP format: readable at any layout
+OPTIMIZER_DIR = "optimizer"  # AdamW moments, the same way
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 
@@ -131,9 +139,10 @@ def clean_partial(root: Path) -> None:
 
 
 def save(engine, root: Path, step: int, meta: dict, rank_state: dict, keep_last: int,
-         write_weights=None) -> Path:
-    """Collective: every rank calls it. -> the checkpoint folder. write_weights(folder): a
-    collective writing the layout-free weights into `<tmp>/weights` (see sharded.py)."""
+         write_portable=None) -> Path:
+    """Collective: every rank calls it. -> the checkpoint folder. write_portable(folder) -> dict:
+    a collective writing the layout-free state into the (temporary) checkpoint folder; what it
+    returns is added to megaxatl.json."""
     root = Path(root)
     rank = dist.get_rank()
     tag = tag_for(step)
@@ -146,8 +155,8 @@ def save(engine, root: Path, step: int, meta: dict, rank_state: dict, keep_last:
     tmp = root / tmp_tag
     tmp.mkdir(parents=True, exist_ok=True)
     torch.save(rank_state, tmp / f"megaxatl_rank{rank}.pt")
-    if write_weights is not None:
-        write_weights(tmp / WEIGHTS_DIR)
+    if write_portable is not None:
+        meta = {**meta, **write_portable(tmp)}
     dist.barrier()  # every rank's files are written
     if rank == 0:
         (tmp / META).write_text(json.dumps({**meta, "step": step, "tag": tag}, indent=1) + "\n")
@@ -179,15 +188,46 @@ def prune(root: Path, keep_last: int, protect: str) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load(engine, path: Path, world_size: int, zero_stage: int) -> tuple[dict, dict]:
-    """Collective. Restore the engine from checkpoint `path`; -> (our meta, this rank's state)."""
+def layout_of(meta: dict) -> dict:
+    """The layout a checkpoint was written at: tp, pp, dp, zero_stage, dtype."""
+    par, train = meta["config"]["parallel"], meta["config"]["train"]
+    tp, pp = par.get("tp", 1), par.get("pp", 1)
+    saved = meta.get("layout") or {"tp": tp, "pp": pp, "dp": meta.get("world_size", 1) // (tp * pp)}
+    return {"zero_stage": par.get("zero_stage", 0), "dtype": train.get("dtype", "bf16"), **saved}
+
+
+def describe_layout(layout: dict) -> str:
+    return (f"TP {layout['tp']} x PP {layout['pp']} x DP {layout['dp']}, ZeRO-{layout['zero_stage']}, "
+            f"{layout['dtype']}")
+
+
+def layout_change(saved: dict, now: dict) -> str | None:
+    """'<saved> -> <now>' when DeepSpeed's per-rank files cannot restore the run at layout `now`
+    (another TP / PP split, ZeRO stage or dtype, or another DP size under ZeRO, whose optimizer
+    partitions are per DP rank); None when they can."""
+    same = all(saved[k] == now[k] for k in ("tp", "pp", "zero_stage", "dtype"))
+    if same and (saved["dp"] == now["dp"] or now["zero_stage"] == 0):
+        return None
+    return f"{describe_layout(saved)} -> {describe_layout(now)}"
+
+
+def read_rank_state(path: Path, rank: int) -> dict:
+    """This rank's loader / RNG state; rank 0's when the checkpoint has fewer ranks (the loader
+    position is global, so any rank's serves)."""
+    rank_file = Path(path) / f"megaxatl_rank{rank}.pt"
+    if not rank_file.is_file():
+        rank_file = Path(path) / "megaxatl_rank0.pt"
+    try:
+        return torch.load(rank_file, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise _damaged(Path(path), e, rank_file) from e
+
+
+def load(engine, path: Path) -> tuple[dict, dict]:
+    """Collective. Restore the engine from checkpoint `path` (written at this layout: see
+    layout_change); -> (our meta, this rank's state)."""
     path = Path(path)
     meta = read_meta(path)
-    saved_world = meta.get("world_size", world_size)
-    if saved_world != world_size and zero_stage > 0:
-        raise RuntimeError(
-            f"{path}: written by {saved_world} data-parallel ranks, now {world_size}: ZeRO partitions "
-            f"are per rank; resume with {saved_world} ranks or convert it with DeepSpeed's ds_to_universal")
     try:
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
@@ -195,12 +235,4 @@ def load(engine, path: Path, world_size: int, zero_stage: int) -> tuple[dict, di
         raise (_damaged(path, e) or e) from e
     if load_path is None:
         raise RuntimeError(f"{path}: DeepSpeed could not load this checkpoint")
-    rank = dist.get_rank()
-    rank_file = path / f"megaxatl_rank{rank}.pt"
-    if not rank_file.is_file():  # fewer ranks saved (ZeRO-0 resumed wider): rank 0's data position
-        rank_file = path / "megaxatl_rank0.pt"
-    try:
-        rank_state = torch.load(rank_file, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise _damaged(path, e, rank_file) from e
-    return meta, rank_state
+    return meta, read_rank_state(path, dist.get_rank())

@@ -22,7 +22,9 @@ TrainingDiverged, leaving the checkpoints as they were (nothing is saved after t
 
 Stopping early: SIGTERM/SIGINT (a preempted job) or `stop_after` finish the current step, save a
 checkpoint and return; the next start with the same out_dir resumes from it exactly (weights,
-optimizer, scheduler, freeze policy, data position, RNG).
+optimizer, scheduler, freeze policy, data position, RNG). At another layout (TP, PP, ZeRO stage,
+dtype, or DP under ZeRO) the start reads the checkpoint's layout-free weights and AdamW moments
+instead (train/portable.py), and the `resume` event says whether the optimizer was restored.
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ import torch
 import torch.distributed as dist
 
 from megaxatl.config import Config, ConfigError, config_to_dict
+from megaxatl.config.pattern import STAGE_BREAK
 from megaxatl.train import checkpoint as ckpt
+from megaxatl.train import portable
 from megaxatl.train.data import build_loaders, bytes_per_token
 from megaxatl.train.engine import create_engine, init_distributed, own_clipping
 from megaxatl.train.evaluate import evaluate, evaluate_pipeline
@@ -53,6 +57,8 @@ from megaxatl.train.metrics import Metrics
 from megaxatl.train.optim import build_optimizer, param_groups
 from megaxatl.train.parallelize import parallel_state, parallelize
 from megaxatl.train.schedule import GroupLRScheduler, base_lr
+
+log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite losses in a row."""
@@ -177,9 +183,12 @@ class Trainer:
         dist.barrier()
         latest = ckpt.find_latest(self.ckpt_root) if t.resume else None
         saved = ckpt.read_meta(latest) if latest else None
-        if saved and saved["config"]["model"] != config_to_dict(cfg)["model"]:
+        if saved and _model_key(saved["config"]["model"]) != _model_key(config_to_dict(cfg)["model"]):
             raise ConfigError(source, "model", f"differs from the model of the checkpoint being resumed ({latest}); "
                                                "use another train.out_dir or train.resume false")
+        self.layout_now = {"tp": self.par.tp, "pp": self.par.pp, "dp": self.par.dp,
+                           "zero_stage": cfg.parallel.zero_stage, "dtype": t.dtype}
+        self.layout_change = ckpt.layout_change(ckpt.layout_of(saved), self.layout_now) if saved else None
 
         init = build_initial(cfg, resuming=latest is not None)
         self.source_kind = init.source
@@ -190,6 +199,8 @@ class Trainer:
         model.gradient_checkpointing = cfg.parallel.activation_checkpointing
         all_names = {n for n, _ in model.named_parameters()}
         self.built = parallelize(model, cfg, self.par, loss_wrapper=self._inject_fault if fault else None)
+        if self.layout_change:  # before DeepSpeed copies them into its partitions / master weights
+            portable.load_weights(latest / ckpt.WEIGHTS_DIR, self.built.named, self.layout, self.par)
 
         self.freeze = FreezePolicy(cfg.transfer.freeze)
         groups = param_groups(self.built.module, self.transferred, t, named=self.built.named, all_names=all_names)
@@ -203,10 +214,17 @@ class Trainer:
                                                                      self.tokenizer_dir, source)
         self.bytes_per_token = bytes_per_token(manifest)
         self.engine = create_engine(self.built.module, optimizer, self.scheduler, cfg, self.world, mpu=self.built.mpu)
+        self.opt_view = portable.OptimizerView(self.engine.optimizer, optimizer)
 
         self.step, self.skipped, self.resumed_from, self.last_ckpt = 0, 0, None, latest
+        resumed: dict = {}
         if latest is not None:
-            meta, rank_state = ckpt.load(self.engine, latest, self.world, cfg.parallel.zero_stage)
+            if self.layout_change is None:
+                meta, rank_state = ckpt.load(self.engine, latest)
+                resumed = {"optimizer": "restored"}
+            else:
+                meta, rank_state = saved, ckpt.read_rank_state(latest, self.rank)
+                resumed = self._resume_layout_free(latest, meta)
             self.step = self.resumed_from = int(meta["step"])
             self.skipped = int(meta.get("skipped", 0))
             self.freeze.load_state_dict(meta["freeze"])
@@ -224,7 +242,8 @@ class Trainer:
         self.metrics = Metrics(cfg, self.out, self.rank, self.world, resume_step=self.step, dp=self.par.dp)
         self.metrics.event(self.step, "resume" if latest else "start", world_size=self.world, source=init.source,
                            layout=self.par.describe(), zero_stage=cfg.parallel.zero_stage, dtype=t.dtype,
-                           transferred=len(self.transferred), flops_per_token=self.metrics.flops_per_token)
+                           transferred=len(self.transferred), flops_per_token=self.metrics.flops_per_token,
+                           **resumed)
         # DeepSpeed reports the gradient norm from its ZeRO / bf16 optimizers, not in plain fp32
         # without ZeRO: there the StepGuard takes it (and clips).
         self.own_grad_norm = own_clipping(cfg)
@@ -232,6 +251,23 @@ class Trainer:
         self._micro = 0
         self.losses: dict[int, float] = {}
         self.last_val = None
+
+    def _resume_layout_free(self, latest: Path, meta: dict) -> dict:
+        """The rest of a resume at another layout (the weights were read before DeepSpeed's set-up):
+        bf16 master weights, AdamW moments, step counters. -> the resume event's fields."""
+        step = int(meta["step"])
+        portable.restore_master_weights(latest / ckpt.WEIGHTS_DIR, self.built.named, self.opt_view, self.layout,
+                                        self.par)
+        why = portable.restore_optimizer(latest / ckpt.OPTIMIZER_DIR, self.built.named, self.opt_view, self.layout,
+                                         self.par, why_absent=meta.get("optimizer_state"))
+        self.scheduler.last_step = step
+        self.engine.global_steps = step
+        self.engine.global_samples = step * self.engine.train_batch_size()
+        if why is not None and self.rank == 0:
+            log.warning("resuming %s at another layout (%s): the optimizer restarts (fresh AdamW moments) because %s",
+                        latest, self.layout_change, why)
+        return {"from_layout": self.layout_change,
+                "optimizer": "restored (layout-free)" if why is None else f"restarted: {why}"}
 
     # ---------------------------------------------------------------------------- the loop
     def fit(self, stop_after: int | None = None) -> TrainResult:
@@ -369,27 +405,23 @@ class Trainer:
         meta = {"config": config_to_dict(self.cfg), "freeze": self.freeze.state_dict(),
                 "transferred": self.transferred, "report": self.report, "tokenizer_dir": self.tokenizer_dir,
                 "skipped": self.skipped, "world_size": self.world, "source": self.source_kind,
-                "layout": {"tp": self.par.tp, "pp": self.par.pp, "dp": self.par.dp}}
+                "layout": self.layout_now}
         rank_state = {"loader": self.train_loader.state_dict(), "rng": ckpt.rng_state()}
         self.last_ckpt = ckpt.save(self.engine, self.ckpt_root, self.step, meta, rank_state, self.cfg.train.keep_last,
-                                   write_weights=self._write_weights)
+                                   write_portable=self._write_portable)
         self.metrics.event(self.step, "checkpoint", path=str(self.last_ckpt))
 
-    def _write_weights(self, folder: Path) -> None:
-        """Collective: this rank's fp32 weights (DeepSpeed's master copy where it keeps one) under
-        global keys; the first DP replica writes, the stage owning a key writes it (the tied
-        head's copy on the last stage is stage 0's embedding)."""
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        from megaxatl.checkpoint.sharded import save_sharded
-
-        local = {}
-        for name, p in self.built.named:
-            full = safe_get_full_fp32_param(p)  # ZeRO / bf16: gathers the master copy (collective)
-            if self.layout.stage_of(name) == self.par.pp_rank:
-                local[name] = (full if full is not None else p.detach()).float().cpu()
-        save_sharded(folder, local, self.layout.rules, self.layout.shapes, self.par.tp_rank, self.par.tp,
-                     writer=self.par.dp_rank == 0)
+    def _write_portable(self, folder: Path) -> dict:
+        """Collective: the layout-free weights and moments (train/portable.py); -> meta fields."""
+        named, config = self.built.named, config_to_dict(self.cfg)
+        portable.save_weights(folder / ckpt.WEIGHTS_DIR, named, self.opt_view, self.layout, self.par, config)
+        if not self.cfg.train.portable_optimizer:
+            return {"optimizer_state": "train.portable_optimizer was false"}
+        if self.opt_view.problem is not None:
+            return {"optimizer_state": f"not portable: {self.opt_view.problem}"}
+        wrote = portable.save_optimizer(folder / ckpt.OPTIMIZER_DIR, named, self.opt_view, self.layout, self.par,
+                                        config)
+        return {"optimizer_state": "layout-free" if wrote else "no optimizer update had run yet"}
 
     @staticmethod
     def _agree(flag: bool) -> bool:
@@ -402,6 +434,11 @@ class Trainer:
         self.metrics.close()
         self.gate.open()
         self.engine.destroy()
+
+
+def _model_key(model: dict) -> dict:
+    """A model config as far as the weights are concerned: '|' stage marks are layout, not model."""
+    return {**model, "pattern": str(model.get("pattern", "")).replace(STAGE_BREAK, "")}
 
 
 def _export(engine, cfg: Config, out: Path, last_ckpt: Path, step: int, transferred, report, tokenizer_dir,

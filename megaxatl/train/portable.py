@@ -1,0 +1,278 @@
+"""Layout-free training state: weights and Adam moments under global keys, so a run saved at one
+TP x PP x DP layout (ZeRO stage, dtype) resumes at any other.
+
+A training checkpoint holds DeepSpeed's own files (exact and fast, but per rank: they restore only
+the layout that wrote them) and, next to them, two torch.distributed.checkpoint folders written
+with checkpoint/sharded.py (global keys, each tensor as chunks at their global offsets):
+
+    weights/     fp32 (master) weights                keys: the global parameter names
+    optimizer/   the AdamW moments and step counts    keys: exp_avg/<name>, exp_avg_sq/<name>,
+                                                            step/<name> (shape [1])
+
+A moment has its parameter's shape and TP rule, so it is split, copied (GQA KV heads, Mamba-2
+groups) and owned exactly like the weight. The first DP replica writes; the pipeline stage owning
+a key writes it (the tied head's copy is stage 0's embedding).
+
+Where this rank's fp32 moments live, by what DeepSpeed wrapped around our torch AdamW:
+
+    the AdamW itself (fp32, ZeRO-0)   optimizer.state[param]
+    FP16_UnfusedOptimizer (bf16,      an fp32 copy per parameter (its fp32_groups), stepped by AdamW:
+    ZeRO-0)                           optimizer.state[copy]
+    ZeRO-1/2, the bf16 optimizer      one flat fp32 partition per param group; a parameter's piece
+                                      on this DP rank is at `param._hp_mapping`'s fragment addresses
+                                      (DeepSpeed's own bookkeeping, what its safe_get_full_* helpers
+                                      read). We go through the addresses and the flat state rather
+                                      than safe_set_full_optimizer_state because DeepSpeed links its
+                                      per-parameter state views only after the first optimizer step
+                                      and a resume must set the moments before it.
+    ZeRO-3, DeepSpeed's own Adam      moments not portable: no optimizer/ is written, and a resume
+    kernels (CPUAdam, FusedAdam)      at another layout restarts the optimizer and says so.
+
+The fp32 master weights (weights/) are read through the same view: a bf16 run saves its master
+copies, not the bf16-rounded parameters, and a resume at another layout sets them back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megaxatl.checkpoint.sharded import Layout, ShardedCheckpoint, load_sharded, save_sharded, seal_sharded
+from megaxatl.parallel.tp_rules import Replicate
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+STEP = "step"
+_BATCH_NUMEL = 1 << 28  # read moments ~1 GiB (fp32) at a time
+
+
+def _key(kind: str, name: str) -> str:
+    return f"{kind}/{name}"
+
+
+def _owned(named, layout: Layout, pp_rank: int):
+    return [(n, p) for n, p in named if layout.stage_of(n) == pp_rank]
+
+
+def _batches(named, limit: int = _BATCH_NUMEL):
+    batch, size = [], 0
+    for name, p in named:
+        if batch and size + p.numel() > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append((name, p))
+        size += p.numel()
+    if batch:
+        yield batch
+
+
+# ---- where DeepSpeed keeps each parameter's fp32 master and moments -----------------------------
+
+class OptimizerView:
+    """This rank's fp32 master weights and AdamW moments, per parameter (TP-local, global names
+    are the caller's), whatever DeepSpeed wrapped around our torch AdamW (module docstring).
+
+    `problem`: why the moments cannot be read or set here (None: they can); master weights always can."""
+
+    def __init__(self, engine_optimizer, optimizer):
+        self.opt = optimizer
+        self.flat: list[torch.Tensor] | None = None       # ZeRO-1/2, BF16_Optimizer
+        self.copies: dict[int, torch.Tensor] | None = None  # FP16_UnfusedOptimizer (bf16, ZeRO-0)
+        self.problem: str | None = None
+        wraps = getattr(engine_optimizer, "optimizer", None) is optimizer
+        flat = (getattr(engine_optimizer, "single_partition_of_fp32_groups", None)
+                or getattr(engine_optimizer, "fp32_groups_flat_partition", None))
+        if engine_optimizer is optimizer:
+            pass  # AdamW steps the module's own parameters
+        elif wraps and flat is not None:
+            self.flat = list(flat)
+        elif wraps and hasattr(engine_optimizer, "fp32_groups") and hasattr(engine_optimizer, "fp16_groups"):
+            self.copies = {id(lp): hp for lps, hps in zip(engine_optimizer.fp16_groups, engine_optimizer.fp32_groups)
+                           for lp, hp in zip(lps, hps)}
+        else:
+            self.problem = f"DeepSpeed's {type(engine_optimizer).__name__} keeps its state in a form not saved layout-free"
+        if type(optimizer) not in (torch.optim.AdamW, torch.optim.Adam):
+            self.problem = f"{type(optimizer).__name__}: only torch AdamW moments are saved layout-free"
+
+    def _hp(self, p: torch.Tensor) -> torch.Tensor:
+        """The tensor AdamW steps for p (not under ZeRO)."""
+        return self.copies[id(p)] if self.copies is not None else p
+
+    # -- master weights
+    def master(self, p: torch.Tensor) -> torch.Tensor:
+        """p's fp32 master weight. Collective over p's DP group under ZeRO."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full = safe_get_full_fp32_param(p)
+        return (full if full is not None else self._hp(p)).detach().float()
+
+    def needs_master(self, p: torch.Tensor) -> bool:
+        """Whether DeepSpeed keeps a separate fp32 copy of p (made from p at set-up)."""
+        return self.copies is not None or getattr(p, "_hp_mapping", None) is not None or hasattr(p, "ds_id")
+
+    def set_master(self, p: torch.Tensor, value: torch.Tensor) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        if self.copies is not None:
+            self.copies[id(p)].data.copy_(value)
+        else:
+            safe_set_full_fp32_param(p, value.to(p.device))
+
+    # -- moments
+    def _flat_state(self, i: int) -> dict:
+        return self.opt.state.get(self.flat[i]) or {}
+
+    def read(self, p: torch.Tensor) -> dict | None:
+        """{exp_avg, exp_avg_sq: fp32 like p, step: float} or None (no update has run yet).
+        Collective over p's DP group under ZeRO (each rank holds a piece)."""
+        if self.flat is None:
+            state = self.opt.state.get(self._hp(p)) or {}
+            if not all(k in state for k in (*MOMENTS, STEP)):
+                return None
+            return {**{k: state[k].detach().float() for k in MOMENTS}, STEP: float(state[STEP])}
+        m = p._hp_mapping
+        out, step = {}, torch.zeros(1, dtype=torch.float64)
+        have = torch.zeros(1)
+        if m is not None:
+            state = self._flat_state(m.param_group_index)
+            if all(k in state for k in (*MOMENTS, STEP)):
+                have += 1
+                step += float(state[STEP])
+        for k in MOMENTS:
+            buf = torch.zeros(p.numel(), dtype=torch.float32, device=self.flat[0].device)
+            if have.item():
+                src = self._flat_state(m.param_group_index)[k]
+                buf.narrow(0, m.lp_fragment_address.start, m.lp_fragment_address.numel).copy_(
+                    src.narrow(0, m.hp_fragment_address.start, m.hp_fragment_address.numel))
+            dist.all_reduce(buf, group=p._dp_group)
+            out[k] = buf.view(p.shape)
+        dist.all_reduce(step, op=dist.ReduceOp.MAX, group=p._dp_group)
+        dist.all_reduce(have, op=dist.ReduceOp.MAX, group=p._dp_group)
+        return {**out, STEP: float(step.item())} if have.item() else None
+
+    def write(self, p: torch.Tensor, values: dict) -> None:
+        """Set p's moments (full TP-local fp32 tensors) and step. No collective."""
+        step = torch.tensor(float(values[STEP]), dtype=torch.float32)
+        if self.flat is None:
+            hp = self._hp(p)
+            self.opt.state[hp] = {STEP: step, **{k: values[k].to(device=hp.device, dtype=hp.dtype).clone()
+                                                 for k in MOMENTS}}
+            return
+        m = p._hp_mapping
+        if m is None:  # no piece of p in this DP rank's partition
+            return
+        flat = self.flat[m.param_group_index]
+        state = self.opt.state[flat]
+        for k in MOMENTS:
+            if k not in state:
+                state[k] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+            state[k].narrow(0, m.hp_fragment_address.start, m.hp_fragment_address.numel).copy_(
+                values[k].reshape(-1).narrow(0, m.lp_fragment_address.start, m.lp_fragment_address.numel))
+        state[STEP] = step  # one step per flat group: every parameter of it has the same
+
+    def finish(self) -> None:
+        """After the writes: a flat group holding no piece of any parameter here (padding only)
+        still gets a complete state, with the step of the others, as AdamW expects."""
+        if self.flat is None:
+            return
+        steps = [self.opt.state[f][STEP] for f in self.flat if STEP in self.opt.state.get(f, {})]
+        for f in self.flat:
+            state = self.opt.state[f]
+            if STEP not in state and steps:
+                state.update({**{k: torch.zeros_like(f) for k in MOMENTS}, STEP: max(steps).clone()})
+
+
+# ---- weights ----------------------------------------------------------------------------------
+
+def save_weights(folder: Path, named, view: OptimizerView, layout: Layout, par, config: dict) -> None:
+    """Collective: every rank's fp32 master weights; the first DP replica writes. The folder is
+    a sharded model folder of `config` (shards.json with checksums): `megaxatl reshard` reads it."""
+    local = {}
+    for name, p in named:
+        full = view.master(p)  # collective under ZeRO: every rank, every parameter
+        if layout.stage_of(name) == par.pp_rank:
+            local[name] = full.cpu()
+    save_sharded(folder, local, layout.rules, layout.shapes, par.tp_rank, par.tp, writer=par.dp_rank == 0)
+    seal_sharded(folder, config, par.tp, par.pp)
+
+
+def load_weights(folder: Path, named, layout: Layout, par) -> None:
+    """Fill this rank's parameters (TP-local, this stage's) in place; before deepspeed.initialize,
+    so ZeRO's partitions and master copies start from them. No collective."""
+    load_sharded(folder, {name: p.data for name, p in named}, layout.rules, par.tp_rank, par.tp)
+
+
+def restore_master_weights(folder: Path, named, view: OptimizerView, layout: Layout, par) -> None:
+    """After deepspeed.initialize: a bf16 run's fp32 master copies were made from the bf16-rounded
+    parameters; set them from the saved fp32 weights. No collective."""
+    todo = [(n, p) for n, p in named if view.needs_master(p)]
+    if not todo:
+        return
+    ckpt = ShardedCheckpoint(folder)
+    for batch in _batches(todo):
+        bufs = {n: torch.empty(p.shape, dtype=torch.float32) for n, p in batch}
+        load_sharded(ckpt, bufs, layout.rules, par.tp_rank, par.tp)
+        for n, p in batch:
+            view.set_master(p, bufs[n])
+
+
+# ---- optimizer moments ------------------------------------------------------------------------
+
+def save_optimizer(folder: Path, named, view: OptimizerView, layout: Layout, par, config: dict) -> bool:
+    """Collective: this rank's moments under global keys. -> False (nothing written) when they are
+    not portable or no update has run yet."""
+    if view.problem is not None:
+        return False
+    local, rules, shapes = {}, {}, {}
+    for name, p in named:
+        values = view.read(p)  # collective over DP under ZeRO: every rank, every parameter
+        if values is None or layout.stage_of(name) != par.pp_rank:
+            continue
+        for k in MOMENTS:
+            local[_key(k, name)] = values[k].cpu()
+            rules[_key(k, name)], shapes[_key(k, name)] = layout.rules[name], layout.shapes[name]
+        local[_key(STEP, name)] = torch.tensor([values[STEP]], dtype=torch.float64)
+        rules[_key(STEP, name)], shapes[_key(STEP, name)] = Replicate(), (1,)
+    empty = torch.tensor([float(not local)])
+    dist.all_reduce(empty, op=dist.ReduceOp.MAX)
+    if empty.item():  # some rank has no state (no update ran yet): none is written
+        return False
+    save_sharded(folder, local, rules, shapes, par.tp_rank, par.tp, writer=par.dp_rank == 0)
+    seal_sharded(folder, config, par.tp, par.pp, meta={"contents": "AdamW moments"})
+    return True
+
+
+def restore_optimizer(folder: Path, named, view: OptimizerView, layout: Layout, par,
+                      why_absent: str | None = None) -> str | None:
+    """Collective. Set this rank's moments from `folder`; -> None when restored, else why the
+    optimizer starts afresh (the same answer on every rank). why_absent: what the checkpoint
+    says about a missing folder."""
+    problem = view.problem
+    if problem is None and not (Path(folder) / ".metadata").is_file():
+        problem = f"the checkpoint has no layout-free optimizer state ({why_absent or f'{folder} missing'})"
+    ckpt = None
+    if problem is None:
+        ckpt = ShardedCheckpoint(folder)
+        entries = ckpt.entries()
+        missing = [n for n, _ in named if _key(MOMENTS[0], n) not in entries]
+        if missing:
+            problem = f"{folder}: no moments for '{missing[0]}' ({len(missing)} parameters)"
+    bad = torch.tensor([float(problem is not None)])
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        return problem or "another rank could not read the layout-free optimizer state"
+    rules = {}
+    for name, _ in named:
+        rules.update({_key(k, name): layout.rules[name] for k in MOMENTS})
+        rules[_key(STEP, name)] = Replicate()
+    for batch in _batches(named):
+        bufs = {}
+        for name, p in batch:
+            bufs.update({_key(k, name): torch.empty(p.shape, dtype=torch.float32) for k in MOMENTS})
+            bufs[_key(STEP, name)] = torch.empty(1, dtype=torch.float64)
+        load_sharded(ckpt, bufs, rules, par.tp_rank, par.tp)
+        for name, p in batch:
+            view.write(p, {**{k: bufs[_key(k, name)] for k in MOMENTS}, STEP: bufs[_key(STEP, name)].item()})
+    view.finish()
+    return None
