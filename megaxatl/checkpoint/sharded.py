@@ -159,9 +159,17 @@ class _ChunkSavePlanner(SavePlanner):
     stages), fails the save instead of producing a checkpoint that cannot be loaded."""
 
     def __init__(self, items: list[tuple[str, Chunk]], entries: Mapping[str, tuple[Shape, torch.dtype]],
-                 fetch: Callable[[str, Chunk, MetadataIndex], torch.Tensor], check: Callable[[], None] | None = None):
+                 fetch: Callable[[str, Chunk, MetadataIndex], torch.Tensor], check: Callable[[], None] | None = None,
+                 release_written: bool = False):
         self.items, self.entries, self.fetch, self.check = items, dict(entries), fetch, check
         self._chunks: dict[tuple[str, torch.Size], Chunk] = {}
+        # FileSystemWriter keeps a reference to every tensor of a file until the file is closed (for
+        # its safetensors option), which would hold a whole rank's data. With release_written (the
+        # fetched tensors are ours: write_layout's copies, never model parameters) the previous
+        # tensor's memory is freed when the next is asked for: DCP's serial loader asks for item
+        # i + 1 only after item i is in the file.
+        self.release_written = release_written
+        self._previous: torch.Tensor | None = None
 
     def set_up_planner(self, state_dict=None, storage_meta: StorageMeta | None = None, is_coordinator: bool = False):
         self.is_coordinator = is_coordinator
@@ -201,6 +209,9 @@ class _ChunkSavePlanner(SavePlanner):
         return new_plan
 
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
+        if self._previous is not None:
+            self._previous.untyped_storage().resize_(0)
+            self._previous = None
         chunk = self._chunks[(write_item.index.fqn, write_item.index.offset)]
         t = self.fetch(write_item.index.fqn, chunk, write_item.index).detach()
         want = write_item.tensor_data.chunk.sizes
@@ -208,7 +219,10 @@ class _ChunkSavePlanner(SavePlanner):
             raise CheckpointError(f"'{write_item.index.fqn}': chunk at {tuple(write_item.index.offset)} is "
                                   f"{tuple(t.shape)} {t.dtype}, expected {tuple(want)} "
                                   f"{write_item.tensor_data.properties.dtype}")
-        return t.cpu().contiguous()
+        t = t.cpu().contiguous()
+        if self.release_written:
+            self._previous = t
+        return t
 
 
 def _check_coverage(key: str, shape: Shape, dtype: str, md: TensorStorageMetadata | None, dtypes: set[str]) -> None:
@@ -690,6 +704,27 @@ class _Feed:
             q.put(None)
 
 
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc; elsewhere a no-op). Chunks up to 32 MiB come
+    from malloc's heap once its adaptive mmap threshold has risen, and freed from the writer
+    threads they would stay there: the process would grow towards the size of the data written."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 def write_layout(path: str | Path, source: TensorSource, layout: Layout) -> tuple[int, int]:
     """Write `source` as a DCP checkpoint at `layout` from this one process, as tp * pp ranks would
     have (file `__{stage * tp + tp_rank}_0.distcp` each). -> (tensors, bytes written).
@@ -722,7 +757,8 @@ def write_layout(path: str | Path, source: TensorSource, layout: Layout) -> tupl
             return stash.pop(want)
         return fetch
 
-    planners = [_ChunkSavePlanner(per_rank[v], {k: entries[k] for k, _ in per_rank[v]}, fetcher(v)) for v in range(n)]
+    planners = [_ChunkSavePlanner(per_rank[v], {k: entries[k] for k, _ in per_rank[v]}, fetcher(v), release_written=True)
+                for v in range(n)]
     writer = _Writer(path, sync_files=False, overwrite=False, per_thread_copy_ahead=0)
     writer.set_up_storage_writer(True, rank=0, use_collectives=True)
     local_plans = []
@@ -756,6 +792,7 @@ def write_layout(path: str | Path, source: TensorSource, layout: Layout) -> tupl
             feed.put(items)
             del items
             feed.wait()
+            _trim_heap()
     except BaseException:
         feed.abort()
         for t in threads:
