@@ -97,3 +97,16 @@ def test_a_corrupt_layout_free_shard_is_named_and_the_checkpoint_kept(tmp_path, 
         run(config_from_dict(b))
     kept = tmp_path / "b" / "checkpoints"
     assert (kept / "latest").read_text().strip() == "step_00000002" and (kept / "step_00000002" / "weights").is_dir()
+
+
+def test_a_checkpoint_without_layout_free_weights_resumes_only_at_its_layout(tmp_path, train_shards):
+    import shutil
+
+    from megaxatl.config import ConfigError
+
+    data = tiny_config(tmp_path / "a", train_shards, train__steps=4, train__save_interval=2)
+    run(config_from_dict(data), stop_after=2)
+    b = continue_in(tmp_path / "a", tmp_path / "b", data, zero_stage=1)
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_00000002" / "weights")
+    with pytest.raises(ConfigError, match=r"parallel.*no layout-free weights/.*\(TP 1 x PP 1 x DP 1, ZeRO-0, fp32\)"):
+        run(config_from_dict(b))

@@ -189,6 +189,10 @@ class Trainer:
         self.layout_now = {"tp": self.par.tp, "pp": self.par.pp, "dp": self.par.dp,
                            "zero_stage": cfg.parallel.zero_stage, "dtype": t.dtype}
         self.layout_change = ckpt.layout_change(ckpt.layout_of(saved), self.layout_now) if saved else None
+        if self.layout_change and not (latest / ckpt.WEIGHTS_DIR).is_dir():
+            raise ConfigError(source, "parallel", f"the checkpoint being resumed ({latest}) has no layout-free "
+                                                  f"{ckpt.WEIGHTS_DIR}/, so it resumes only at the layout that wrote it "
+                                                  f"({self.layout_change.split(' -> ')[0]})")
 
         init = build_initial(cfg, resuming=latest is not None)
         self.source_kind = init.source
