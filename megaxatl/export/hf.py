@@ -472,10 +472,10 @@ def _readme(arch: Arch, model_dir: Path, cfg: ModelConfig) -> str:
             "",
             "No stock transformers class reproduces this layout exactly, so the folder ships its model code:",
             "`configuration_megaxatl.py` and `modeling_megaxatl.py` (self-contained: torch and transformers only,",
-            "megaxatl is not needed to load it). The scans are the sequential reference recurrences and",
-            "generation re-reads the whole sequence at each step (no recurrent state cache), and padded",
-            "batches (an attention_mask with zeros) are refused. Import the folder back into megaxatl for",
-            "fast kernels and recurrent decoding.",
+            "megaxatl is not needed to load it). The scans are the sequential reference recurrences;",
+            "`generate` carries each layer's recurrent state (and the attention layers' KV cache) between",
+            "steps, so a new token costs one step per layer. Padded batches (an attention_mask with zeros)",
+            "are refused. Import the folder back into megaxatl for fast (fused) kernels.",
         ]
     return "\n".join(lines) + "\n"
 

@@ -13,21 +13,25 @@ of the config's `pattern` per block names its mixer:
     S  Mamba-2 (SSD)                               R  retention (RetNet)
     G  gated linear attention
 
-The scans here are the sequential reference recurrences (exact, O(L) per layer, not fused), and
-every forward pass starts from an empty state: generation re-reads the whole sequence at each
-step instead of carrying recurrent state. For fast training or decoding, import the folder back
-with `megaxatl import-hf` and use megaxatl's kernels.
+The scans here are the sequential reference recurrences (exact, O(L) per layer, not fused).
+`generate` carries each layer's state between steps (`MegaxatlState`: the Mamba conv tail and SSM
+state, the linear-attention matrix, the attention KV cache), so each new token costs one step
+per layer, constant in the context length for the recurrent mixers. A strategy that reorders
+rows between steps (beam search) is detected from the tokens and recomputes from the start. For
+fast training, import the folder back with `megaxatl import-hf` and use megaxatl's kernels.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 try:  # transformers 5: init helpers that leave loaded weights alone
     from transformers import initialization as _init
@@ -155,10 +159,24 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((xr, xp), dim=-1) if xp.shape[-1] else xr
 
 
-def causal_depthwise_conv(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-    """x: (B, C, L) -> silu(causal depthwise conv(x)): output t sees inputs t-k+1 .. t."""
+def causal_depthwise_conv(x: torch.Tensor, conv: nn.Conv1d, state: dict | None = None,
+                          key: str = "conv") -> torch.Tensor:
+    """x: (B, C, L) -> silu(causal depthwise conv(x)): output t sees inputs t-k+1 .. t. With
+    `state`, the inputs before x are state[key] (the last k - 1, zeros at first), updated here."""
     k = conv.weight.shape[-1]
-    return F.silu(F.conv1d(F.pad(x, (k - 1, 0)), conv.weight, conv.bias, groups=x.shape[1]))
+    if state is None:
+        xin = F.pad(x, (k - 1, 0))
+    else:
+        prev = state.get(key)
+        xin = torch.cat([prev, x], dim=-1) if prev is not None else F.pad(x, (k - 1, 0))
+        state[key] = xin[..., xin.shape[-1] - (k - 1):]
+    return F.silu(F.conv1d(xin, conv.weight, conv.bias, groups=x.shape[1]))
+
+
+def _rotary_at(rot_dim: int, theta: float, offset: int, seqlen: int, device):
+    """cos, sin of positions offset .. offset + seqlen - 1."""
+    cos, sin = rotary_cos_sin(rot_dim, theta, offset + seqlen, device)
+    return cos[offset:], sin[offset:]
 
 
 # ---- mixers ----------------------------------------------------------------------------------
@@ -174,18 +192,27 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, KV * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(H * hd, D, bias=cfg.attn_out_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, L, D) -> (B, L, D)."""
+    def forward(self, x: torch.Tensor, state: dict | None = None, offset: int = 0) -> torch.Tensor:
+        """x: (B, L, D) at positions offset.. -> (B, L, D). state: the KV cache (updated)."""
         bsz, seqlen, _ = x.shape
         q = self.q_proj(x).view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rotary_cos_sin(self.rot_dim, self.theta, seqlen, x.device)
+        cos, sin = _rotary_at(self.rot_dim, self.theta, offset, seqlen, x.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if state is not None:
+            if "k" in state:
+                k, v = torch.cat([state["k"], k], dim=2), torch.cat([state["v"], v], dim=2)
+            state["k"], state["v"] = k, v
         rep = self.n_heads // self.n_kv_heads
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        past = k.shape[2] - seqlen
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # query i (position past + i) sees keys 0 .. past + i
+            mask = torch.ones(seqlen, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim))
 
 
@@ -205,18 +232,21 @@ class Mamba(nn.Module):
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, D, bias=m.proj_bias)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, state: dict | None = None, offset: int = 0) -> torch.Tensor:
+        """state: the conv tail and SSM state h (updated)."""
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (B, d_inner, L) each
-        x = causal_depthwise_conv(x, self.conv1d)
+        x = causal_depthwise_conv(x, self.conv1d, state)
         dt, B, C = torch.split(self.x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())  # (B, L, d_inner)
         A = -torch.exp(self.A_log.float())  # (d_inner, N)
         u, Bf, Cf = x.transpose(1, 2).float(), B.float(), C.float()
-        h = u.new_zeros(u.shape[0], self.d_inner, self.d_state)
+        h = state["h"] if state is not None and "h" in state else u.new_zeros(u.shape[0], self.d_inner, self.d_state)
         ys = []
         for t in range(u.shape[1]):
             h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * Bf[:, t, None, :]
             ys.append((h * Cf[:, t, None, :]).sum(-1))
+        if state is not None:
+            state["h"] = h
         y = torch.stack(ys, dim=1) + self.D.float() * u
         y = y * F.silu(z.transpose(1, 2).float())
         return self.out_proj(y.to(hidden.dtype))
@@ -255,11 +285,12 @@ class Mamba2(nn.Module):
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // m.n_groups, cfg.mamba2_norm_eps)
         self.out_proj = nn.Linear(self.d_inner, D, bias=m.proj_bias)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, state: dict | None = None, offset: int = 0) -> torch.Tensor:
+        """state: the conv tail and SSM state h (updated)."""
         bsz, seqlen, _ = hidden.shape
         H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
         z, xbc, dt = torch.split(self.in_proj(hidden), [self.d_inner, self.conv_dim, H], dim=-1)
-        xbc = causal_depthwise_conv(xbc.transpose(1, 2), self.conv1d).transpose(1, 2)
+        xbc = causal_depthwise_conv(xbc.transpose(1, 2), self.conv1d, state).transpose(1, 2)
         x, B, C = torch.split(xbc, [self.d_inner, G * N, G * N], dim=-1)
         x = x.reshape(bsz, seqlen, H, P).float()
         # head h reads group h // (H / G)
@@ -267,29 +298,33 @@ class Mamba2(nn.Module):
         C = C.reshape(bsz, seqlen, G, N).float().repeat_interleave(H // G, dim=2)
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, L, H)
         A = -torch.exp(self.A_log.float())
-        h = x.new_zeros(bsz, H, P, N)
+        h = state["h"] if state is not None and "h" in state else x.new_zeros(bsz, H, P, N)
         ys = []
         for t in range(seqlen):
             decay = torch.exp(dt[:, t] * A)[:, :, None, None]
             h = decay * h + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
             ys.append((h * C[:, t, :, None, :]).sum(-1))
+        if state is not None:
+            state["h"] = h
         y = torch.stack(ys, dim=1) + self.D.float()[:, None] * x
         y = self.norm(y.reshape(bsz, seqlen, self.d_inner).to(hidden.dtype), z)
         return self.out_proj(y)
 
 
-def linear_attention(q, k, v, g, scale: float) -> torch.Tensor:
+def linear_attention(q, k, v, g, scale: float, cache: dict | None = None) -> torch.Tensor:
     """S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t, o_t = (scale q_t) S_t.
 
     q, k: (B, L, H, K); v: (B, L, H, V); g: (B, L, H, K) or (B, L, H, 1), log decays <= 0.
-    Returns o (B, L, H, V) fp32."""
+    Returns o (B, L, H, V) fp32. cache: S before q (zeros at first) in cache["S"], updated."""
     qf, kf, vf, gf = (t.float() for t in (q, k, v, g))
     bsz, seqlen, heads, dk = qf.shape
-    state = qf.new_zeros(bsz, heads, dk, vf.shape[-1])
+    state = cache["S"] if cache is not None and "S" in cache else qf.new_zeros(bsz, heads, dk, vf.shape[-1])
     outs = []
     for t in range(seqlen):
         state = state * gf[:, t].exp().unsqueeze(-1) + kf[:, t].unsqueeze(-1) * vf[:, t].unsqueeze(-2)
         outs.append(torch.einsum("bhk,bhkv->bhv", qf[:, t] * scale, state))
+    if cache is not None:
+        cache["S"] = state
     return torch.stack(outs, 1)
 
 
@@ -317,18 +352,18 @@ class Retention(nn.Module):
         self.g_proj = nn.Linear(D, H * hd, bias=False) if r.gate else None
         self.o_proj = nn.Linear(H * hd, D, bias=cfg.attn_out_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: dict | None = None, offset: int = 0) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
         q = self.q_proj(x).view(bsz, seqlen, H, hd)
         k = self.k_proj(x).view(bsz, seqlen, KV, hd)
         v = self.v_proj(x).view(bsz, seqlen, KV, hd)
-        cos, sin = rotary_cos_sin(self.rot_dim, self.theta, seqlen, x.device)
+        cos, sin = _rotary_at(self.rot_dim, self.theta, offset, seqlen, x.device)
         q, k = apply_rotary(q, cos[:, None], sin[:, None]), apply_rotary(k, cos[:, None], sin[:, None])
         if H != KV:
             k, v = k.repeat_interleave(H // KV, dim=2), v.repeat_interleave(H // KV, dim=2)
         g = retention_log_decay(H, self.decay_base, self.decay_span, x.device).view(1, 1, H, 1)
-        o = linear_attention(q, k, v, g.expand(bsz, seqlen, H, 1), hd ** -0.5)
+        o = linear_attention(q, k, v, g.expand(bsz, seqlen, H, 1), hd ** -0.5, state)
         o = F.layer_norm(o, (hd,), eps=self.norm_eps)
         if self.g_proj is not None:
             o = F.silu(self.g_proj(x).float()).view(bsz, seqlen, H, hd) * o
@@ -355,7 +390,7 @@ class GLA(nn.Module):
         self.g_norm.weight = nn.Parameter(torch.ones(hd))
         self.o_proj = nn.Linear(H * hd, D, bias=cfg.attn_out_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: dict | None = None, offset: int = 0) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
         rep = H // KV
@@ -364,7 +399,7 @@ class GLA(nn.Module):
         v = self.v_proj(x).view(bsz, seqlen, KV, hd).repeat_interleave(rep, dim=2)
         gk = F.logsigmoid(self.gk_proj(x).float()) / self.gate_logit_normalizer
         gk = gk.view(bsz, seqlen, KV, hd).repeat_interleave(rep, dim=2)
-        o = linear_attention(q, k, v, gk, hd ** -0.5)
+        o = linear_attention(q, k, v, gk, hd ** -0.5, state)
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.g_norm.weight.float()
         o = o * F.silu(self.g_proj(x).float()).view(bsz, seqlen, H, hd)
         return self.o_proj(o.reshape(bsz, seqlen, H * hd).to(x.dtype))
@@ -389,8 +424,8 @@ class MegaxatlBlock(nn.Module):
         else:
             self.norm2 = self.mlp = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.mixer(self.norm1(x))
+    def forward(self, x: torch.Tensor, state: dict | None = None, offset: int = 0) -> torch.Tensor:
+        h = self.mixer(self.norm1(x), state, offset)
         if self.mlp is None:
             return x + h
         if self.parallel_residual:
@@ -438,6 +473,31 @@ class MegaxatlPreTrainedModel(PreTrainedModel):
             _init.zeros_(module.dt_bias)
 
 
+class MegaxatlState:
+    """What generation carries between steps: per layer a dict of its state (attention: k, v;
+    Mamba: conv tail, h; retention / GLA: S), and the tokens already folded in (rows, seen)."""
+
+    def __init__(self, n_layers: int):
+        self.layers: list[dict] = [{} for _ in range(n_layers)]
+        self.tokens: torch.Tensor | None = None
+
+    @property
+    def seen(self) -> int:
+        return 0 if self.tokens is None else self.tokens.shape[1]
+
+    def continues(self, input_ids: torch.Tensor) -> bool:
+        """Whether input_ids (B, T) extends exactly the tokens folded in, row by row."""
+        return (self.tokens is not None and input_ids.shape[0] == self.tokens.shape[0]
+                and input_ids.shape[1] > self.seen and bool((input_ids[:, :self.seen] == self.tokens).all()))
+
+
+@dataclass
+class MegaxatlCausalLMOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    megaxatl_state: MegaxatlState | None = None
+
+
 class MegaxatlModel(MegaxatlPreTrainedModel):
     def __init__(self, config: MegaxatlConfig):
         super().__init__(config)
@@ -453,11 +513,13 @@ class MegaxatlModel(MegaxatlPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed = value
 
-    def forward(self, input_ids=None, inputs_embeds=None) -> torch.Tensor:
-        """input_ids: (B, L) -> final-normed hidden states (B, L, D)."""
+    def forward(self, input_ids=None, inputs_embeds=None, state: "MegaxatlState | None" = None) -> torch.Tensor:
+        """input_ids: (B, L) -> final-normed hidden states (B, L, D). With `state`, the input
+        continues the sequence folded into it (which this call extends)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        for layer in self.layers:
-            x = layer(x)
+        offset = state.seen if state is not None else 0
+        for i, layer in enumerate(self.layers):
+            x = layer(x, state.layers[i] if state is not None else None, offset)
         return self.norm_f(x)
 
 
@@ -483,21 +545,47 @@ class MegaxatlForCausalLM(MegaxatlPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, inputs_embeds=None, **kwargs):
-        # no recurrent state is carried between calls: each step reads the whole sequence
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the state is ours (MegaxatlState), not a transformers Cache
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, inputs_embeds=None,
+                                      megaxatl_state=None, use_cache=True, **kwargs):
+        """Feed only the tokens the state has not seen. A state the rows no longer continue (beam
+        search reorders rows) is dropped and the whole sequence is read again."""
+        if not use_cache or (inputs_embeds is not None and megaxatl_state is None):
+            return {"input_ids": None if inputs_embeds is not None else input_ids, "inputs_embeds": inputs_embeds,
+                    "attention_mask": attention_mask}
+        state = megaxatl_state if megaxatl_state is not None and megaxatl_state.continues(input_ids) else None
+        if state is None:
+            state = MegaxatlState(len(self.model.layers))
+        return {"input_ids": input_ids[:, state.seen:], "attention_mask": attention_mask, "megaxatl_state": state}
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        model_kwargs["megaxatl_state"] = getattr(outputs, "megaxatl_state", None)
+        return model_kwargs
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, logits_to_keep=0,
-                return_dict=None, **kwargs):
+                return_dict=None, megaxatl_state: MegaxatlState | None = None, **kwargs):
+        """megaxatl_state: continue the sequence folded into it (input_ids only: the new tokens)
+        and extend it; returned as `megaxatl_state`."""
         if attention_mask is not None and not bool(attention_mask.all()):
             # a recurrent mixer folds every position into its state: padding cannot be masked out
             raise ValueError("padded batches are not supported: attention_mask must be all ones "
                              "(run sequences of different lengths separately)")
-        hidden = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds)
+        if megaxatl_state is not None and input_ids is None:
+            raise ValueError("megaxatl_state needs input_ids (it records the tokens it has folded in)")
+        hidden = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, state=megaxatl_state)
+        if megaxatl_state is not None:
+            seen = megaxatl_state.tokens
+            megaxatl_state.tokens = input_ids if seen is None else torch.cat([seen, input_ids], dim=1)
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        if megaxatl_state is not None:
+            return MegaxatlCausalLMOutput(loss=loss, logits=logits, megaxatl_state=megaxatl_state)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
