@@ -17,3 +17,15 @@ def rel_rms_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
     err = rel_rms_error(actual, expected)
     assert err <= tol, f"{what}: relative RMS error {err:.3e} > {tol:.1e}"
+
+
+def decode_gap(model, ref, ids: torch.Tensor, rel=rel_rms_error) -> float:
+    """Decode with the recurrent / KV cache on both models (a prefix of 7, then one token) ->
+    the larger relative error of `model`'s logits against `ref`'s."""
+    with torch.no_grad():
+        c_model, c_ref = model.empty_cache(ids.shape[0]), ref.empty_cache(ids.shape[0])
+        a, c_model = model(ids[:, :7], c_model)
+        b, c_ref = ref(ids[:, :7], c_ref)
+        a2, _ = model(ids[:, 7:8], c_model)
+        b2, _ = ref(ids[:, 7:8], c_ref)
+    return max(rel(a, b), rel(a2, b2))

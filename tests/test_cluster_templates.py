@@ -216,7 +216,7 @@ def test_single_node_script_really_stops_a_cpu_run_with_a_checkpoint(tmp_path, t
     to the rank -> a checkpoint at the step it stopped on, exit 0, (resuming is tests/test_train_restart.py's)."""
     import json
 
-    from test_train_common import clean_env, events, losses, tiny_config
+    from test_train_common import clean_env, events, signal_after_two_steps, tiny_config
 
     out = tmp_path / "run"
     cfg = tmp_path / "c.json"
@@ -225,20 +225,5 @@ def test_single_node_script_really_stops_a_cpu_run_with_a_checkpoint(tmp_path, t
     env = {**clean_env(), "NPROC": "1", "MEGAXATL_REPO": str(REPO), "PYTHON": sys.executable}
     proc = subprocess.Popen(["bash", str(SINGLE), "--config", str(cfg)], env=env, cwd="/",
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if len(losses(out)) >= 2:
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGUSR1)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err[-3000:]
-    step = max(losses(out))
-    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+    step, _ = signal_after_two_steps(proc, out, signal.SIGUSR1)
     assert events(out)[-1] == {**events(out)[-1], "event": "stop", "reason": "signal", "step": step}

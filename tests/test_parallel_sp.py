@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers import decode_gap
 from megaxatl.config import config_from_dict
 from megaxatl.models import build
 from megaxatl.parallel import unshard
@@ -104,14 +105,9 @@ def _worker(rank: int, world: int, port: int, name: str, out_path: str, checkpoi
                 dist.all_gather(parts, p.detach().contiguous())
                 assert all(torch.equal(q, parts[0]) for q in parts), f"{n}: replicated copies differ after a step"
             res["step"][n] = _rel(_gather_unshard(n, p.detach(), rule, world), ref_params[n].detach())
-        # decode with the recurrent / KV cache (no sequence split): a prefix of 7, then one token
+        # decode with the recurrent / KV cache (no sequence split)
+        res["decode"] = decode_gap(tp, ref, ids, _rel)
         with torch.no_grad():
-            c_tp, c_ref = tp.empty_cache(2), ref.empty_cache(2)
-            a, c_tp = tp(ids[:, :7], c_tp)
-            b, c_ref = ref(ids[:, :7], c_ref)
-            a2, _ = tp(ids[:, 7:8], c_tp)
-            b2, _ = ref(ids[:, 7:8], c_ref)
-            res["decode"] = max(_rel(a, b), _rel(a2, b2))
             res["split_after_decode"] = tp.hidden_states(ids)[0].shape[1]  # the split is back on
         if rank == 0:
             with open(out_path, "w") as f:

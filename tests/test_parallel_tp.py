@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from helpers import decode_gap
 from megaxatl.config import config_from_dict
 from megaxatl.models import build
 from megaxatl.parallel import model_rules, shard_state_dict, shard_tensor, unshard, unshard_state_dicts
@@ -146,14 +147,7 @@ def _worker(rank: int, world: int, port: int, name: str, out_path: str, checkpoi
                 target = r.grad if kind == "grads" else r.detach()
                 res[kind][n] = _rel(full, target) if kind == "grads" else float(torch.equal(full, target))
             res["shapes"][n] = [list(p.shape), list(dict(ref.named_parameters())[n].shape)]
-        # decode with the recurrent / KV cache: a prefix then one token
-        with torch.no_grad():
-            c_tp, c_ref = tp.empty_cache(2), ref.empty_cache(2)
-            a, c_tp = tp(ids[:, :7], c_tp)
-            b, c_ref = ref(ids[:, :7], c_ref)
-            a2, _ = tp(ids[:, 7:8], c_tp)
-            b2, _ = ref(ids[:, 7:8], c_ref)
-        res["decode"] = max(_rel(a, b), _rel(a2, b2))
+        res["decode"] = decode_gap(tp, ref, ids, _rel)  # with the recurrent / KV cache
         if rank == 0:
             with open(out_path, "w") as f:
                 json.dump(res, f)

@@ -142,6 +142,30 @@ def make_init_dir(cfg_data: dict, out: Path, seed: int = 7) -> tuple[dict, list[
     return state, transferred
 
 
+def signal_after_two_steps(proc: subprocess.Popen, out_dir: Path, sig: int) -> tuple[int, str]:
+    """Once run `out_dir` has logged two steps (or after 120 s), send `sig` to `proc`; -> (the
+    step it stopped at, its stderr), asserting it exited 0 with `latest` at that step."""
+    import time
+
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if len(losses(out_dir)) >= 2:
+                    break
+            except (OSError, ValueError):  # not there yet, or a line being written
+                pass
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    step = max(losses(out_dir))
+    assert (Path(out_dir) / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+    return step, err
+
+
 def continue_in(src: Path, dst: Path, data: dict, **parallel) -> dict:
     """Copy run folder `src` to `dst`; -> config `data` set to resume there with `parallel`."""
     import shutil

@@ -14,7 +14,7 @@ import torch
 from megaxatl.config import config_from_dict
 from megaxatl.train import TrainingDiverged, run
 from test_train_common import (PRETRAIN, REPO, checkpoint_weights, clean_env, events, losses, make_init_dir,
-                               tiny_config, train_shards)  # noqa: F401 (fixture)
+                               signal_after_two_steps, tiny_config, train_shards)  # noqa: F401 (fixture)
 
 
 def cfg_of(data):
@@ -149,29 +149,13 @@ def test_wandb_offline_and_mfu_from_a_configured_peak(tmp_path, train_shards, mo
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, train_shards):
     import signal
-    import time
 
     out = tmp_path / "r"
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps(tiny_config(out, train_shards, train__steps=100000, train__save_interval=100000)))
     proc = subprocess.Popen([sys.executable, str(PRETRAIN), "--config", str(cfg)], env=clean_env(), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if len(losses(out)) >= 2:
-                    break
-            except (OSError, ValueError):  # not there yet, or a line being written
-                pass
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err[-3000:]
-    step = max(losses(out))
-    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+    _, err = signal_after_two_steps(proc, out, signal.SIGTERM)
     assert "rerun to resume" in err and events(out)[-1]["event"] == "stop"
 
 
