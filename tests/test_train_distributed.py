@@ -7,8 +7,10 @@ from __future__ import annotations
 import torch
 
 from megaxatl.checkpoint import load_model, load_model_dir
-from test_train_common import (assert_ok, checkpoint_weights, launch, losses, make_init_dir, tiny_config,
-                               train_shards, write_config)  # noqa: F401 (fixture)
+from megaxatl.config import config_from_dict
+from megaxatl.train import run
+from test_train_common import (assert_ok, checkpoint_weights, continue_in, launch, losses, make_init_dir,
+                               tiny_config, train_shards, write_config)  # noqa: F401 (fixture)
 
 
 def freeze_config(out, shards, **over):
@@ -43,6 +45,10 @@ def test_zero3_two_ranks_learns_freezes_and_resumes_exactly(tmp_path, train_shar
     split_cfg = write_config(tmp_path / "split.json", data)
     assert_ok(launch(split_cfg, nproc=2, extra=["--stop-after", "4"]))
     assert sorted(losses(tmp_path / "split")) == [1, 2, 3, 4]
+    # the same checkpoint resumed by one process without ZeRO (2 x 4 samples per step in one
+    # micro-batch of 8): ZeRO-3's gathered weights and moments carry on to the same losses
+    one = continue_in(tmp_path / "split", tmp_path / "one", data)
+    one["data"]["micro_batch_size"] = 2 * data["data"]["micro_batch_size"]
     proc = launch(split_cfg, nproc=2)
     assert_ok(proc)
     b = losses(tmp_path / "split")
@@ -50,6 +56,9 @@ def test_zero3_two_ranks_learns_freezes_and_resumes_exactly(tmp_path, train_shar
     wa, _ = load_model_dir(tmp_path / "full" / "final")
     wb, _ = load_model_dir(tmp_path / "split" / "final")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    run(config_from_dict(one))
+    c = losses(tmp_path / "one")
+    assert all(abs(c[s] - a[s]) <= 1e-5 * a[s] for s in range(5, 9)), (a, c)
 
 
 def test_zero2_bf16_two_ranks_with_the_deepspeed_launcher(tmp_path, train_shards):

@@ -23,8 +23,8 @@ def resumes(out_dir) -> list[dict]:
 
 
 def test_zero_stage_changes_keep_weights_and_moments(tmp_path, train_shards):
-    """ZeRO-1 (flat fp32 partitions) -> ZeRO-0 (torch AdamW state) -> ZeRO-1: the moments cross
-    both ways and every loss equals the uninterrupted run's."""
+    """ZeRO-1 (flat fp32 partitions) -> ZeRO-3 (partitioned parameters) -> ZeRO-0 (torch AdamW
+    state): the moments cross every way and every loss equals the uninterrupted run's."""
     data = tiny_config(tmp_path / "ref", train_shards, train__steps=6, train__save_interval=2)
     run(config_from_dict(data))
     ref = records(tmp_path / "ref")
@@ -32,18 +32,18 @@ def test_zero_stage_changes_keep_weights_and_moments(tmp_path, train_shards):
     data["train"]["out_dir"] = str(tmp_path / "a")
     data["parallel"] = {"zero_stage": 1}
     run(config_from_dict(data), stop_after=2)
-    b = continue_in(tmp_path / "a", tmp_path / "b", data, zero_stage=0)
+    b = continue_in(tmp_path / "a", tmp_path / "b", data, zero_stage=3)
     run(config_from_dict(b), stop_after=4)
-    c = continue_in(tmp_path / "b", tmp_path / "c", data, zero_stage=1)
+    c = continue_in(tmp_path / "b", tmp_path / "c", data, zero_stage=0)
     res = run(config_from_dict(c))
     assert res.completed and res.resumed_from == 4
     got = {**records(tmp_path / "a"), **records(tmp_path / "b"), **records(tmp_path / "c")}
     assert sorted(got) == list(range(1, 7))
     assert_same(ref, got, range(1, 7))
-    (to_zero0,), (to_zero1,) = resumes(tmp_path / "b")[-1:], resumes(tmp_path / "c")[-1:]
-    assert to_zero0["optimizer"] == "restored (layout-free)"
-    assert to_zero0["from_layout"] == "TP 1 x PP 1 x DP 1, ZeRO-1, fp32 -> TP 1 x PP 1 x DP 1, ZeRO-0, fp32"
-    assert to_zero1["optimizer"] == "restored (layout-free)" and "ZeRO-0, fp32 -> " in to_zero1["from_layout"]
+    (to_zero3,), (to_zero0,) = resumes(tmp_path / "b")[-1:], resumes(tmp_path / "c")[-1:]
+    assert to_zero3["optimizer"] == "restored (layout-free)"
+    assert to_zero3["from_layout"] == "TP 1 x PP 1 x DP 1, ZeRO-1, fp32 -> TP 1 x PP 1 x DP 1, ZeRO-3, fp32"
+    assert to_zero0["optimizer"] == "restored (layout-free)" and "ZeRO-3, fp32 -> " in to_zero0["from_layout"]
 
 
 def test_without_saved_moments_the_optimizer_restarts_and_says_so(tmp_path, train_shards):

@@ -25,8 +25,11 @@ Where this rank's fp32 moments live, by what DeepSpeed wrapped around our torch 
                                       than safe_set_full_optimizer_state because DeepSpeed links its
                                       per-parameter state views only after the first optimizer step
                                       and a resume must set the moments before it.
-    ZeRO-3, DeepSpeed's own Adam      moments not portable: no optimizer/ is written, and a resume
-    kernels (CPUAdam, FusedAdam)      at another layout restarts the optimizer and says so.
+    ZeRO-3                            one flat fp32 partition per sub-group; DeepSpeed's
+                                      safe_get/set_full_optimizer_state gather / set a parameter's
+                                      moments (we create the flat state first when resuming)
+    NVMe-offloaded state, DeepSpeed's  moments not portable: no optimizer/ is written, and a resume
+    own Adam kernels (CPUAdam, ...)    at another layout restarts the optimizer and says so.
 
 The fp32 master weights (weights/) are read through the same view: a bf16 run saves its master
 copies, not the bf16-rounded parameters, and a resume at another layout sets them back.
@@ -51,18 +54,20 @@ def _key(kind: str, name: str) -> str:
     return f"{kind}/{name}"
 
 
-def _owned(named, layout: Layout, pp_rank: int):
-    return [(n, p) for n, p in named if layout.stage_of(n) == pp_rank]
+def _shape(p: torch.Tensor) -> torch.Size:
+    """This rank's (TP-local) shape of p, also when ZeRO-3 has partitioned it away."""
+    return p.ds_shape if hasattr(p, "ds_shape") else p.shape
 
 
 def _batches(named, limit: int = _BATCH_NUMEL):
     batch, size = [], 0
     for name, p in named:
-        if batch and size + p.numel() > limit:
+        numel = _shape(p).numel()
+        if batch and size + numel > limit:
             yield batch
             batch, size = [], 0
         batch.append((name, p))
-        size += p.numel()
+        size += numel
     if batch:
         yield batch
 
@@ -79,6 +84,8 @@ class OptimizerView:
         self.opt = optimizer
         self.flat: list[torch.Tensor] | None = None       # ZeRO-1/2, BF16_Optimizer
         self.copies: dict[int, torch.Tensor] | None = None  # FP16_UnfusedOptimizer (bf16, ZeRO-0)
+        self.z3: list[torch.Tensor] | None = None           # ZeRO-3's fp32 sub-group partitions
+        self.engine_opt = engine_optimizer
         self.problem: str | None = None
         wraps = getattr(engine_optimizer, "optimizer", None) is optimizer
         flat = (getattr(engine_optimizer, "single_partition_of_fp32_groups", None)
@@ -87,6 +94,10 @@ class OptimizerView:
             pass  # AdamW steps the module's own parameters
         elif wraps and flat is not None:
             self.flat = list(flat)
+        elif wraps and hasattr(engine_optimizer, "fp32_partitioned_groups_flat"):
+            if getattr(engine_optimizer, "swap_optimizer", False):
+                self.problem = "ZeRO-3 with the optimizer state offloaded to NVMe"
+            self.z3 = list(engine_optimizer.fp32_partitioned_groups_flat)
         elif wraps and hasattr(engine_optimizer, "fp32_groups") and hasattr(engine_optimizer, "fp16_groups"):
             self.copies = {id(lp): hp for lps, hps in zip(engine_optimizer.fp16_groups, engine_optimizer.fp32_groups)
                            for lp, hp in zip(lps, hps)}
@@ -123,9 +134,21 @@ class OptimizerView:
     def _flat_state(self, i: int) -> dict:
         return self.opt.state.get(self.flat[i]) or {}
 
+    def _z3_group(self, p: torch.Tensor) -> int:
+        return self.engine_opt.grad_position[self.engine_opt.get_param_id(p)][0]
+
     def read(self, p: torch.Tensor) -> dict | None:
         """{exp_avg, exp_avg_sq: fp32 like p, step: float} or None (no update has run yet).
         Collective over p's DP group under ZeRO (each rank holds a piece)."""
+        if self.z3 is not None:
+            from deepspeed.utils import safe_get_full_optimizer_state
+
+            # every sub-group steps together: state exists for all or none, on every rank alike
+            state = self.opt.state.get(self.z3[self._z3_group(p)]) or {}
+            if not all(k in state for k in (*MOMENTS, STEP)):
+                return None
+            out = {k: safe_get_full_optimizer_state(p, k).detach().float().view(p.ds_shape) for k in MOMENTS}
+            return {**out, STEP: float(state[STEP])}
         if self.flat is None:
             state = self.opt.state.get(self._hp(p)) or {}
             if not all(k in state for k in (*MOMENTS, STEP)):
@@ -154,6 +177,18 @@ class OptimizerView:
     def write(self, p: torch.Tensor, values: dict) -> None:
         """Set p's moments (full TP-local fp32 tensors) and step. No collective."""
         step = torch.tensor(float(values[STEP]), dtype=torch.float32)
+        if self.z3 is not None:
+            from deepspeed.utils import safe_set_full_optimizer_state
+
+            for f in self.z3:  # DeepSpeed writes into the flat state: it must exist first
+                state = self.opt.state[f]
+                for k in MOMENTS:
+                    if k not in state:
+                        state[k] = torch.zeros_like(f)
+                state[STEP] = step.clone()  # AdamW increments it in place: one tensor per group
+            for k in MOMENTS:
+                safe_set_full_optimizer_state(p, values[k].to(self.z3[0].device), k)
+            return
         if self.flat is None:
             hp = self._hp(p)
             self.opt.state[hp] = {STEP: step, **{k: values[k].to(device=hp.device, dtype=hp.dtype).clone()
@@ -211,7 +246,7 @@ def restore_master_weights(folder: Path, named, view: OptimizerView, layout: Lay
         return
     ckpt = ShardedCheckpoint(folder)
     for batch in _batches(todo):
-        bufs = {n: torch.empty(p.shape, dtype=torch.float32) for n, p in batch}
+        bufs = {n: torch.empty(_shape(p), dtype=torch.float32) for n, p in batch}
         load_sharded(ckpt, bufs, layout.rules, par.tp_rank, par.tp)
         for n, p in batch:
             view.set_master(p, bufs[n])
@@ -269,7 +304,7 @@ def restore_optimizer(folder: Path, named, view: OptimizerView, layout: Layout, 
     for batch in _batches(named):
         bufs = {}
         for name, p in batch:
-            bufs.update({_key(k, name): torch.empty(p.shape, dtype=torch.float32) for k in MOMENTS})
+            bufs.update({_key(k, name): torch.empty(_shape(p), dtype=torch.float32) for k in MOMENTS})
             bufs[_key(STEP, name)] = torch.empty(1, dtype=torch.float64)
         load_sharded(ckpt, bufs, rules, par.tp_rank, par.tp)
         for name, p in batch:
