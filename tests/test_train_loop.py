@@ -200,3 +200,48 @@ def test_step_guard_clips_like_torch_and_skips_non_finite():
     assert guard.last_skipped and guard.skipped == 1 and opt_a.overflow
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))
     assert all(torch.equal(opt_a.state[p]["exp_avg"], m) for p, m in zip(a.parameters(), moments))
+
+
+def test_step_guard_decides_a_zero_step_once_for_all_groups():
+    """DeepSpeed's ZeRO-1/2 step calls AdamW once per param group; the guard decides at the start
+    of the ZeRO step, over every group: clipping uses the global norm, and a non-finite gradient
+    in one group skips the update of all of them."""
+    from megaxatl.train.gradnorm import NormPlan
+    from megaxatl.train.guard import StepGuard
+
+    class ZeroLike:  # the shape of DeepSpeed's ZeRO step: one group in param_groups at a time
+        def __init__(self, opt):
+            self.optimizer = opt
+
+        def step(self):
+            groups = self.optimizer.param_groups
+            for g in list(groups):
+                self.optimizer.param_groups = [g]
+                self.optimizer.step()
+            self.optimizer.param_groups = groups
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    b.load_state_dict(a.state_dict())
+    opt_a = torch.optim.AdamW([{"params": [a.weight]}, {"params": [a.bias]}], lr=0.1)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=0.1)
+    guard, zero = StepGuard(opt_a, clip=0.5), ZeroLike(opt_a)
+    guard.attach(NormPlan([((lambda p=p: p.grad), [(0, p.numel())]) for p in a.parameters()], 1,
+                          before_zero_step=True), zero)
+    x = torch.randn(4, 8)
+    a(x).pow(2).sum().backward()
+    b(x).pow(2).sum().backward()
+    ref_norm = float(torch.nn.utils.clip_grad_norm_(b.parameters(), 0.5))
+    guard.begin_step()
+    zero.step()
+    opt_b.step()
+    assert abs(guard.last_norm - ref_norm) <= 1e-6 * ref_norm and ref_norm > 0.5
+    assert all(torch.allclose(p, q, rtol=1e-6, atol=1e-7) for p, q in zip(a.parameters(), b.parameters()))
+    before = [p.detach().clone() for p in a.parameters()]
+    opt_a.zero_grad()
+    a(x).sum().backward()
+    a.bias.grad[0] = float("nan")  # the second group only
+    guard.begin_step()
+    zero.step()
+    assert guard.last_skipped and guard.skipped == 1
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))

@@ -19,10 +19,13 @@ WORKER = REPO / "tests" / "train_fault_worker.py"
 
 
 def assert_same_run(ref: dict, got: dict, steps):
+    """Losses within 1e-5 (relative) at every step; gradient norms within 1e-6 at the first step
+    (the same weights: this checks what the norm counts) and 1e-4 after it (the gradient is more
+    sensitive than the loss to the rounding differences TP's split sums accumulate)."""
     for s in steps:
-        for key in ("loss", "grad_norm"):
+        for key, tol in (("loss", 1e-5), ("grad_norm", 1e-6 if s == steps[0] else 1e-4)):
             a, b = ref[s][key], got[s][key]
-            assert abs(a - b) <= 1e-5 * abs(a), f"step {s} {key}: single process {a}, parallel {b}"
+            assert abs(a - b) <= tol * abs(a), f"step {s} {key}: single process {a}, parallel {b}"
 
 
 def hybrid(out, shards, **over):
@@ -67,13 +70,18 @@ def test_tp2_pp2_matches_one_process_and_resumes_exactly(tmp_path, train_shards)
         assert event["from_layout"].startswith("TP 2 x PP 2 x DP 1, ZeRO-0, fp32 -> ")
 
 
-def test_tp2_dp2_zero2_matches_one_process_and_resumes_there(tmp_path, train_shards):
-    # DP 2 x micro-batch 4 reads the same 8 samples per step as one process with micro-batch 8
-    data = tiny_config(tmp_path / "one", train_shards, model__n_heads=4, data__micro_batch_size=8, train__steps=5,
-                       train__save_interval=3)
+@pytest.mark.parametrize("zero", [0, 2])
+def test_tp2_dp2_matches_one_process_and_resumes_there(zero, tmp_path, train_shards):
+    # DP 2 x micro-batch 4 reads the same 8 samples per step as one process with micro-batch 8.
+    # One KV head and one Mamba-2 group: TP 2 holds a copy of each on both ranks, which the
+    # gradient norm (and the clipping by it) must count once, from AdamW's parameters (ZeRO-0)
+    # or from DeepSpeed's reduced fragments (ZeRO-2)
+    data = tiny_config(tmp_path / "one", train_shards, model__pattern="*S", model__n_heads=4, model__n_kv_heads=1,
+                       model__mamba2={"d_state": 8, "head_dim": 16, "n_groups": 1},
+                       data__micro_batch_size=8, train__steps=5, train__save_interval=3)
     run(config_from_dict(data))
     one = json.loads(json.dumps(data))
-    data["parallel"] = {"tp": 2, "zero_stage": 2}
+    data["parallel"] = {"tp": 2, "zero_stage": zero}
     data["data"]["micro_batch_size"] = 4
     data["train"]["out_dir"] = str(tmp_path / "tp2dp2")
     assert_ok(launch(write_config(tmp_path / "c.json", data), nproc=4, extra=["--stop-after", "3"]))
@@ -82,10 +90,11 @@ def test_tp2_dp2_zero2_matches_one_process_and_resumes_there(tmp_path, train_sha
     run(config_from_dict(resumed))
     ref, got = records(tmp_path / "one"), {**records(tmp_path / "tp2dp2"), **records(tmp_path / "resumed")}
     assert sorted(got) == list(range(1, 6))
-    for s in range(1, 6):  # ZeRO's norm is its own: compare the losses
-        assert abs(ref[s]["loss"] - got[s]["loss"]) <= 1e-5 * ref[s]["loss"], (s, ref[s], got[s])
+    assert ref[1]["grad_norm"] > config_from_dict(data).train.grad_clip  # clipping is on
+    assert_same_run(ref, got, range(1, 6))
     (event,) = [e for e in events(tmp_path / "resumed") if e["event"] == "resume"]
-    assert event["optimizer"] == "restored (layout-free)" and event["from_layout"].startswith("TP 2 x PP 1 x DP 2, ZeRO-2")
+    assert event["optimizer"] == "restored (layout-free)"
+    assert event["from_layout"].startswith(f"TP 2 x PP 1 x DP 2, ZeRO-{zero}")
 
 
 def test_pp2_zero1_tied_embedding_matches_one_process(tmp_path, train_shards):

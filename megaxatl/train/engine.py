@@ -74,7 +74,8 @@ def ds_config(cfg: Config, world_size: int) -> dict:
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
         "gradient_accumulation_steps": cfg.micro_batches_per_step,
         "train_batch_size": cfg.data.micro_batch_size * cfg.micro_batches_per_step * dp,
-        # fp32 without ZeRO: the trainer's StepGuard clips (DeepSpeed's fp32 clipping counts a
+        # ZeRO 0-2: the trainer's StepGuard clips by the exact norm (DeepSpeed's counts a copied
+        # KV head / Mamba-2 group once per TP rank holding it, and in fp32 without ZeRO a
         # replicated parameter only on the first pipeline stage's first TP rank)
         "gradient_clipping": 0.0 if own_clipping(cfg) else t.grad_clip,
         "zero_optimization": zero,
@@ -92,8 +93,9 @@ def ds_config(cfg: Config, world_size: int) -> dict:
 
 
 def own_clipping(cfg: Config) -> bool:
-    """True where the trainer takes the gradient norm and clips itself (see StepGuard)."""
-    return cfg.parallel.zero_stage == 0 and cfg.train.dtype == "fp32"
+    """True where the trainer takes the gradient norm and clips itself (see StepGuard and
+    train/gradnorm.py): every ZeRO stage but 3."""
+    return cfg.parallel.zero_stage <= 2
 
 
 def create_engine(model: torch.nn.Module, optimizer, scheduler, cfg: Config, world_size: int, mpu=None):

@@ -106,7 +106,7 @@ class OptimizerView:
         if type(optimizer) not in (torch.optim.AdamW, torch.optim.Adam):
             self.problem = f"{type(optimizer).__name__}: only torch AdamW moments are saved layout-free"
 
-    def _hp(self, p: torch.Tensor) -> torch.Tensor:
+    def hp_of(self, p: torch.Tensor) -> torch.Tensor:
         """The tensor AdamW steps for p (not under ZeRO)."""
         return self.copies[id(p)] if self.copies is not None else p
 
@@ -116,7 +116,7 @@ class OptimizerView:
         from deepspeed.utils import safe_get_full_fp32_param
 
         full = safe_get_full_fp32_param(p)
-        return (full if full is not None else self._hp(p)).detach().float()
+        return (full if full is not None else self.hp_of(p)).detach().float()
 
     def needs_master(self, p: torch.Tensor) -> bool:
         """Whether DeepSpeed keeps a separate fp32 copy of p (made from p at set-up)."""
@@ -150,7 +150,7 @@ class OptimizerView:
             out = {k: safe_get_full_optimizer_state(p, k).detach().float().view(p.ds_shape) for k in MOMENTS}
             return {**out, STEP: float(state[STEP])}
         if self.flat is None:
-            state = self.opt.state.get(self._hp(p)) or {}
+            state = self.opt.state.get(self.hp_of(p)) or {}
             if not all(k in state for k in (*MOMENTS, STEP)):
                 return None
             return {**{k: state[k].detach().float() for k in MOMENTS}, STEP: float(state[STEP])}
@@ -190,7 +190,7 @@ class OptimizerView:
                 safe_set_full_optimizer_state(p, values[k].to(self.z3[0].device), k)
             return
         if self.flat is None:
-            hp = self._hp(p)
+            hp = self.hp_of(p)
             self.opt.state[hp] = {STEP: step, **{k: values[k].to(device=hp.device, dtype=hp.dtype).clone()
                                                  for k in MOMENTS}}
             return

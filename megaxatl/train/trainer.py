@@ -51,6 +51,7 @@ from megaxatl.train.data import build_loaders, bytes_per_token
 from megaxatl.train.engine import create_engine, init_distributed, own_clipping
 from megaxatl.train.evaluate import evaluate, evaluate_pipeline
 from megaxatl.train.freeze import FreezePolicy, GradGate
+from megaxatl.train.gradnorm import plan_norm
 from megaxatl.train.guard import StepGuard
 from megaxatl.train.init import build_initial
 from megaxatl.train.metrics import Metrics
@@ -219,6 +220,11 @@ class Trainer:
         self.bytes_per_token = bytes_per_token(manifest)
         self.engine = create_engine(self.built.module, optimizer, self.scheduler, cfg, self.world, mpu=self.built.mpu)
         self.opt_view = portable.OptimizerView(self.engine.optimizer, optimizer)
+        self.guard.attach(plan_norm(self.built.named, self.opt_view, self.layout, self.par.tp_rank, self.par.tp,
+                                    self.par.dp), self.engine.optimizer)
+        if own_clipping(cfg) and self.guard.plan is None and self.rank == 0:
+            log.warning("gradient clipping by a per-call norm: no exact norm plan for DeepSpeed's %s",
+                        type(self.engine.optimizer).__name__)
 
         self.step, self.skipped, self.resumed_from, self.last_ckpt = 0, 0, None, latest
         resumed: dict = {}
@@ -248,8 +254,7 @@ class Trainer:
                            layout=self.par.describe(), zero_stage=cfg.parallel.zero_stage, dtype=t.dtype,
                            transferred=len(self.transferred), flops_per_token=self.metrics.flops_per_token,
                            **resumed)
-        # DeepSpeed reports the gradient norm from its ZeRO / bf16 optimizers, not in plain fp32
-        # without ZeRO: there the StepGuard takes it (and clips).
+        # the StepGuard's exact norm where it clips (ZeRO 0-2), DeepSpeed's under ZeRO-3
         self.own_grad_norm = own_clipping(cfg)
         self.bad_streak = 0
         self._micro = 0
@@ -330,6 +335,7 @@ class Trainer:
         """One optimizer step; -> its DP-mean loss, or None when the update was skipped."""
         skipped_before = self.engine.skipped_steps
         self.guard.last_skipped = False
+        self.guard.begin_step()
         self._micro = 0
         loss = self._pipeline_step(data) if self.pipeline else self._plain_step(data)
         self.step += 1
