@@ -110,3 +110,26 @@ def test_a_checkpoint_without_layout_free_weights_resumes_only_at_its_layout(tmp
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_00000002" / "weights")
     with pytest.raises(ConfigError, match=r"parallel.*no layout-free weights/.*\(TP 1 x PP 1 x DP 1, ZeRO-0, fp32\)"):
         run(config_from_dict(b))
+
+
+def test_layout_free_checkpoints_alone_resume_exactly(tmp_path, train_shards):
+    """train.save_deepspeed_state false: checkpoints hold only the layout-free state, and a resume
+    at the same layout gives the uninterrupted run's losses bit for bit."""
+    from megaxatl.config import ConfigError
+
+    data = tiny_config(tmp_path / "full", train_shards, train__steps=6, train__save_interval=2,
+                       train__save_deepspeed_state=False)
+    run(config_from_dict(data))
+    data["train"]["out_dir"] = str(tmp_path / "split")
+    run(config_from_dict(data), stop_after=3)
+    ckpt = tmp_path / "split" / "checkpoints" / "step_00000003"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["megaxatl.json", "megaxatl_rank0.pt", "optimizer", "weights"]
+    res = run(config_from_dict(data))
+    assert res.completed and res.resumed_from == 3
+    full, split = records(tmp_path / "full"), records(tmp_path / "split")
+    assert [full[s]["loss"] for s in range(1, 7)] == [split[s]["loss"] for s in range(1, 7)]
+    (event,) = resumes(tmp_path / "split")
+    assert event["optimizer"] == "restored (layout-free)" and "(layout-free checkpoint) -> " in event["from_layout"]
+    data["train"]["portable_optimizer"] = False
+    with pytest.raises(ConfigError, match="save_deepspeed_state.*portable_optimizer"):
+        config_from_dict(data)

@@ -371,6 +371,10 @@ class TrainConfig:
     # parameter), so a resume at another TP / PP / DP layout keeps them; false saves that disk
     # and such a resume restarts the optimizer (weights are always layout-free).
     portable_optimizer: bool = True
+    # Also write DeepSpeed's own per-rank checkpoint files (engine.save_checkpoint: what its tools
+    # such as zero_to_fp32 read). false: only the layout-free weights/ + optimizer/, about half
+    # the bytes and time; a resume, at the same layout or another, then reads those.
+    save_deepspeed_state: bool = True
 
     def check(self) -> Problems:
         out: Problems = []
@@ -386,6 +390,9 @@ class TrainConfig:
                                "max_bad_steps"))
         if self.grad_clip < 0:
             out.append(("grad_clip", "must be >= 0 (0 disables clipping)"))
+        if not self.save_deepspeed_state and not self.portable_optimizer:
+            out.append(("save_deepspeed_state", "false needs portable_optimizer true: otherwise no checkpoint "
+                                                "would hold the optimizer state"))
         return out
 
 

@@ -7,6 +7,7 @@ Layout under `<out_dir>/checkpoints/`:
     step_00000500/              one checkpoint (tag):
         mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt ...   engine.save_checkpoint:
                                 model, optimizer (every ZeRO stage's partitions), LR scheduler
+                                (left out with train.save_deepspeed_state false)
         megaxatl_rank{r}.pt     per rank: data loader state, RNG states (python, numpy, torch[, cuda])
         weights/                every rank's TP / PP shard of the fp32 weights under global keys
                                 (torch.distributed.checkpoint, checkpoint/sharded.py): what the
@@ -24,8 +25,9 @@ A crash at any point leaves `latest` naming a complete checkpoint. Needs a files
 share (one node, or a cluster filesystem), as DeepSpeed's own checkpointing does.
 
 Resuming: at the layout that wrote it, DeepSpeed's own files restore everything exactly. At another
-one (`layout_change` says which), the trainer reads weights/ (and optimizer/) instead, see
-train/portable.py; loader positions are global (consumed samples), so rank 0's serves every rank.
+one (`layout_change` says which), or from a checkpoint saved without them, the trainer reads
+weights/ (and optimizer/) instead, see train/portable.py; loader positions are global (consumed
+samples), so rank 0's serves every rank.
 
 A damaged checkpoint (a truncated or corrupt `.pt` file, a bad megaxatl.json) is a
 CheckpointError (a ValueError) naming the file, raised when loading; nothing falls back silently.
@@ -139,10 +141,11 @@ def clean_partial(root: Path) -> None:
 
 
 def save(engine, root: Path, step: int, meta: dict, rank_state: dict, keep_last: int,
-         write_portable=None) -> Path:
+         write_portable=None, engine_state: bool = True) -> Path:
     """Collective: every rank calls it. -> the checkpoint folder. write_portable(folder) -> dict:
     a collective writing the layout-free state into the (temporary) checkpoint folder; what it
-    returns is added to megaxatl.json."""
+    returns is added to megaxatl.json. engine_state=False: no DeepSpeed files (then the
+    layout-free state is the checkpoint; megaxatl.json says so)."""
     root = Path(root)
     rank = dist.get_rank()
     tag = tag_for(step)
@@ -151,9 +154,13 @@ def save(engine, root: Path, step: int, meta: dict, rank_state: dict, keep_last:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(root / tmp_tag, ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
+    if engine_state:
+        engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
+    meta = {**meta, "engine_state": engine_state}
     tmp = root / tmp_tag
-    tmp.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        tmp.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
     torch.save(rank_state, tmp / f"megaxatl_rank{rank}.pt")
     if write_portable is not None:
         meta = {**meta, **write_portable(tmp)}
@@ -193,7 +200,8 @@ def layout_of(meta: dict) -> dict:
     par, train = meta["config"]["parallel"], meta["config"]["train"]
     tp, pp = par.get("tp", 1), par.get("pp", 1)
     saved = meta.get("layout") or {"tp": tp, "pp": pp, "dp": meta.get("world_size", 1) // (tp * pp)}
-    return {"zero_stage": par.get("zero_stage", 0), "dtype": train.get("dtype", "bf16"), **saved}
+    return {"zero_stage": par.get("zero_stage", 0), "dtype": train.get("dtype", "bf16"), **saved,
+            "engine_state": meta.get("engine_state", True)}
 
 
 def describe_layout(layout: dict) -> str:
@@ -204,7 +212,9 @@ def describe_layout(layout: dict) -> str:
 def layout_change(saved: dict, now: dict) -> str | None:
     """'<saved> -> <now>' when DeepSpeed's per-rank files cannot restore the run at layout `now`
     (another TP / PP split, ZeRO stage or dtype, or another DP size under ZeRO, whose optimizer
-    partitions are per DP rank); None when they can."""
+    partitions are per DP rank); None when they can. `saved` is layout_of(meta)."""
+    if not saved.get("engine_state", True):  # written without them: the layout-free state it is
+        return f"{describe_layout(saved)} (layout-free checkpoint) -> {describe_layout(now)}"
     same = all(saved[k] == now[k] for k in ("tp", "pp", "zero_stage", "dtype"))
     if same and (saved["dp"] == now["dp"] or now["zero_stage"] == 0):
         return None

@@ -418,7 +418,8 @@ class Trainer:
                 "layout": self.layout_now}
         rank_state = {"loader": self.train_loader.state_dict(), "rng": ckpt.rng_state()}
         self.last_ckpt = ckpt.save(self.engine, self.ckpt_root, self.step, meta, rank_state, self.cfg.train.keep_last,
-                                   write_portable=self._write_portable)
+                                   write_portable=self._write_portable,
+                                   engine_state=self.cfg.train.save_deepspeed_state)
         self.metrics.event(self.step, "checkpoint", path=str(self.last_ckpt))
 
     def _write_portable(self, folder: Path) -> dict:
