@@ -165,6 +165,38 @@ def test_remote_generate_carries_state_and_matches_greedy_decoding(tmp_path, tok
     assert (torch.cat(parts, dim=1) - full).abs().max().item() < 1e-5
 
 
+def test_remote_padding_gives_each_row_its_unpadded_result(tmp_path, tokenizer_dir):
+    """Left padding (batched generate, with and without the carried state) and right padding
+    (scoring) leave every row's logits and tokens as if it ran alone; a gap is refused."""
+    src = make_model(tmp_path / "model", "M*SRG", tokenizer_dir, mamba2={"d_state": 8, "head_dim": 16},
+                     retention={"n_heads": 2})
+    out = tmp_path / "hf"
+    export_hf(src, out)
+    rows = [[5, 17, 99, 3, 42], [8, 2, 41]]
+    _, hf_model = hf_logits(out, torch.tensor([rows[0]]), remote=True)
+    width = max(map(len, rows))
+    left = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    left_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    right = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    right_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    kw = dict(max_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        alone_logits = [hf_model(torch.tensor([r])).logits[0] for r in rows]
+        alone = [hf_model.generate(torch.tensor([r]), attention_mask=torch.ones(1, len(r), dtype=torch.long), **kw)
+                 for r in rows]
+        left_logits = hf_model(left, attention_mask=left_mask).logits
+        right_logits = hf_model(right, attention_mask=right_mask).logits
+        batched = [hf_model.generate(left, attention_mask=left_mask, use_cache=c, **kw) for c in (True, False)]
+        with pytest.raises(ValueError, match="padding between real tokens"):
+            hf_model(right, attention_mask=torch.tensor([[1, 0, 1, 1, 1], [1, 1, 1, 0, 0]]))
+    for b, r in enumerate(rows):
+        pad = width - len(r)
+        assert (left_logits[b, pad:] - alone_logits[b]).abs().max().item() < 1e-5
+        assert (right_logits[b, :len(r)] - alone_logits[b]).abs().max().item() < 1e-5
+        for gen in batched:
+            assert gen[b, width:].tolist() == alone[b][0, len(r):].tolist()
+
+
 def test_forced_stock_arch_must_fit_and_remote_works_for_attention(tmp_path, tokenizer_dir):
     src = make_model(tmp_path / "model", "**", tokenizer_dir, n_kv_heads=2)
     with pytest.raises(ExportError, match="GPTNeoXForCausalLM does not reproduce this model exactly: norm is not"):

@@ -474,8 +474,9 @@ def _readme(arch: Arch, model_dir: Path, cfg: ModelConfig) -> str:
             "`configuration_megaxatl.py` and `modeling_megaxatl.py` (self-contained: torch and transformers only,",
             "megaxatl is not needed to load it). The scans are the sequential reference recurrences;",
             "`generate` carries each layer's recurrent state (and the attention layers' KV cache) between",
-            "steps, so a new token costs one step per layer. Padded batches (an attention_mask with zeros)",
-            "are refused. Import the folder back into megaxatl for fast (fused) kernels.",
+            "steps, so a new token costs one step per layer. Left-padded batches (batched generation) and",
+            "right-padded ones (scoring) give each row's unpadded result: padding enters no state; a gap",
+            "between real tokens is refused. Import the folder back into megaxatl for fast (fused) kernels.",
         ]
     return "\n".join(lines) + "\n"
 

@@ -17,8 +17,11 @@ The scans here are the sequential reference recurrences (exact, O(L) per layer, 
 `generate` carries each layer's state between steps (`MegaxatlState`: the Mamba conv tail and SSM
 state, the linear-attention matrix, the attention KV cache), so each new token costs one step
 per layer, constant in the context length for the recurrent mixers. A strategy that reorders
-rows between steps (beam search) is detected from the tokens and recomputes from the start. For
-fast training, import the folder back with `megaxatl import-hf` and use megaxatl's kernels.
+rows between steps (beam search) is detected from the tokens and recomputes from the start.
+Padding (attention_mask 0) is kept out of every state: no conv input, dt = 0 / no decay and no
+write for the scans, no attention to it, so left-padded batched generation and right-padded
+scoring give each row's unpadded result. For fast training, import the folder back with
+`megaxatl import-hf` and use megaxatl's kernels.
 """
 
 from __future__ import annotations
@@ -173,6 +176,11 @@ def causal_depthwise_conv(x: torch.Tensor, conv: nn.Conv1d, state: dict | None =
     return F.silu(F.conv1d(xin, conv.weight, conv.bias, groups=x.shape[1]))
 
 
+def _real(mask: torch.Tensor | None, seqlen: int) -> torch.Tensor | None:
+    """(B, L, 1) fp32: 1 at the last L positions' real tokens, 0 at padding (None: no padding)."""
+    return None if mask is None else mask[:, -seqlen:, None].float()
+
+
 def _rotary_at(rot_dim: int, theta: float, offset: int, seqlen: int, device):
     """cos, sin of positions offset .. offset + seqlen - 1."""
     cos, sin = rotary_cos_sin(rot_dim, theta, offset + seqlen, device)
@@ -192,8 +200,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, KV * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(H * hd, D, bias=cfg.attn_out_bias)
 
-    def forward(self, x: torch.Tensor, state: dict | None = None, offset: int = 0) -> torch.Tensor:
-        """x: (B, L, D) at positions offset.. -> (B, L, D). state: the KV cache (updated)."""
+    def forward(self, x: torch.Tensor, state: dict | None = None, offset: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, L, D) at positions offset.. -> (B, L, D). state: the KV cache (updated). mask:
+        (B, offset + L), 0 at padding: no query attends to a padding key but its own."""
         bsz, seqlen, _ = x.shape
         q = self.q_proj(x).view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -208,11 +218,17 @@ class Attention(nn.Module):
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         past = k.shape[2] - seqlen
-        if past == 0:
+        if past == 0 and mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # query i (position past + i) sees keys 0 .. past + i
-            mask = torch.ones(seqlen, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:  # query i (position past + i) sees keys 0 .. past + i, padding ones left out
+            allowed = torch.ones(seqlen, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
+            if mask is not None:
+                # a padding query whose window holds only padding keeps its own key (no NaN)
+                own = torch.zeros_like(allowed)
+                rows = torch.arange(seqlen, device=x.device)
+                own[rows, past + rows] = True
+                allowed = (allowed & mask[:, None, None, -k.shape[2]:].bool()) | own
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return self.o_proj(y.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim))
 
 
@@ -232,12 +248,19 @@ class Mamba(nn.Module):
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, D, bias=m.proj_bias)
 
-    def forward(self, hidden: torch.Tensor, state: dict | None = None, offset: int = 0) -> torch.Tensor:
-        """state: the conv tail and SSM state h (updated)."""
+    def forward(self, hidden: torch.Tensor, state: dict | None = None, offset: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """state: the conv tail and SSM state h (updated). At padding (mask 0) the conv input is
+        zero and dt = 0, so the state passes through unchanged."""
+        real = _real(mask, hidden.shape[1])
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (B, d_inner, L) each
+        if real is not None:
+            x = x * real.transpose(1, 2).to(x.dtype)
         x = causal_depthwise_conv(x, self.conv1d, state)
         dt, B, C = torch.split(self.x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())  # (B, L, d_inner)
+        if real is not None:
+            dt = dt * real
         A = -torch.exp(self.A_log.float())  # (d_inner, N)
         u, Bf, Cf = x.transpose(1, 2).float(), B.float(), C.float()
         h = state["h"] if state is not None and "h" in state else u.new_zeros(u.shape[0], self.d_inner, self.d_state)
@@ -285,11 +308,15 @@ class Mamba2(nn.Module):
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // m.n_groups, cfg.mamba2_norm_eps)
         self.out_proj = nn.Linear(self.d_inner, D, bias=m.proj_bias)
 
-    def forward(self, hidden: torch.Tensor, state: dict | None = None, offset: int = 0) -> torch.Tensor:
-        """state: the conv tail and SSM state h (updated)."""
+    def forward(self, hidden: torch.Tensor, state: dict | None = None, offset: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """state: the conv tail and SSM state h (updated); padding passes the state through."""
         bsz, seqlen, _ = hidden.shape
         H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
+        real = _real(mask, seqlen)
         z, xbc, dt = torch.split(self.in_proj(hidden), [self.d_inner, self.conv_dim, H], dim=-1)
+        if real is not None:
+            xbc = xbc * real.to(xbc.dtype)
         xbc = causal_depthwise_conv(xbc.transpose(1, 2), self.conv1d, state).transpose(1, 2)
         x, B, C = torch.split(xbc, [self.d_inner, G * N, G * N], dim=-1)
         x = x.reshape(bsz, seqlen, H, P).float()
@@ -297,6 +324,8 @@ class Mamba2(nn.Module):
         B = B.reshape(bsz, seqlen, G, N).float().repeat_interleave(H // G, dim=2)
         C = C.reshape(bsz, seqlen, G, N).float().repeat_interleave(H // G, dim=2)
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, L, H)
+        if real is not None:
+            dt = dt * real
         A = -torch.exp(self.A_log.float())
         h = state["h"] if state is not None and "h" in state else x.new_zeros(bsz, H, P, N)
         ys = []
@@ -352,7 +381,9 @@ class Retention(nn.Module):
         self.g_proj = nn.Linear(D, H * hd, bias=False) if r.gate else None
         self.o_proj = nn.Linear(H * hd, D, bias=cfg.attn_out_bias)
 
-    def forward(self, x: torch.Tensor, state: dict | None = None, offset: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: dict | None = None, offset: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Padding (mask 0) writes nothing into the state and does not decay it."""
         bsz, seqlen, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
         q = self.q_proj(x).view(bsz, seqlen, H, hd)
@@ -362,8 +393,11 @@ class Retention(nn.Module):
         q, k = apply_rotary(q, cos[:, None], sin[:, None]), apply_rotary(k, cos[:, None], sin[:, None])
         if H != KV:
             k, v = k.repeat_interleave(H // KV, dim=2), v.repeat_interleave(H // KV, dim=2)
-        g = retention_log_decay(H, self.decay_base, self.decay_span, x.device).view(1, 1, H, 1)
-        o = linear_attention(q, k, v, g.expand(bsz, seqlen, H, 1), hd ** -0.5, state)
+        g = retention_log_decay(H, self.decay_base, self.decay_span, x.device).view(1, 1, H, 1).expand(bsz, seqlen, H, 1)
+        real = _real(mask, seqlen)
+        if real is not None:
+            g, k = g * real[..., None], k * real[..., None].to(k.dtype)
+        o = linear_attention(q, k, v, g, hd ** -0.5, state)
         o = F.layer_norm(o, (hd,), eps=self.norm_eps)
         if self.g_proj is not None:
             o = F.silu(self.g_proj(x).float()).view(bsz, seqlen, H, hd) * o
@@ -390,7 +424,9 @@ class GLA(nn.Module):
         self.g_norm.weight = nn.Parameter(torch.ones(hd))
         self.o_proj = nn.Linear(H * hd, D, bias=cfg.attn_out_bias)
 
-    def forward(self, x: torch.Tensor, state: dict | None = None, offset: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: dict | None = None, offset: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Padding (mask 0) writes nothing into the state and does not decay it."""
         bsz, seqlen, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
         rep = H // KV
@@ -399,6 +435,9 @@ class GLA(nn.Module):
         v = self.v_proj(x).view(bsz, seqlen, KV, hd).repeat_interleave(rep, dim=2)
         gk = F.logsigmoid(self.gk_proj(x).float()) / self.gate_logit_normalizer
         gk = gk.view(bsz, seqlen, KV, hd).repeat_interleave(rep, dim=2)
+        real = _real(mask, seqlen)
+        if real is not None:
+            gk, k = gk * real[..., None], k * real[..., None].to(k.dtype)
         o = linear_attention(q, k, v, gk, hd ** -0.5, state)
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.g_norm.weight.float()
         o = o * F.silu(self.g_proj(x).float()).view(bsz, seqlen, H, hd)
@@ -424,8 +463,9 @@ class MegaxatlBlock(nn.Module):
         else:
             self.norm2 = self.mlp = None
 
-    def forward(self, x: torch.Tensor, state: dict | None = None, offset: int = 0) -> torch.Tensor:
-        h = self.mixer(self.norm1(x), state, offset)
+    def forward(self, x: torch.Tensor, state: dict | None = None, offset: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.mixer(self.norm1(x), state, offset, mask)
         if self.mlp is None:
             return x + h
         if self.parallel_residual:
@@ -480,6 +520,7 @@ class MegaxatlState:
     def __init__(self, n_layers: int):
         self.layers: list[dict] = [{} for _ in range(n_layers)]
         self.tokens: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None  # (rows, seen) attention mask so far; None: no padding
 
     @property
     def seen(self) -> int:
@@ -489,6 +530,36 @@ class MegaxatlState:
         """Whether input_ids (B, T) extends exactly the tokens folded in, row by row."""
         return (self.tokens is not None and input_ids.shape[0] == self.tokens.shape[0]
                 and input_ids.shape[1] > self.seen and bool((input_ids[:, :self.seen] == self.tokens).all()))
+
+
+def _full_mask(attention_mask, state: MegaxatlState | None, seqlen: int) -> torch.Tensor | None:
+    """The mask of every position folded in so far plus this call's (B, seen + L), or None when
+    nothing is padding. Left padding (batched generation) and right padding (scoring) are exact:
+    padding enters no recurrent state and no attention. A gap between real tokens is refused: a
+    conv window would see it."""
+    seen = state.seen if state is not None else 0
+    past = state.mask if state is not None else None
+    if attention_mask is None:
+        new = None
+    else:
+        m = attention_mask.to(torch.long)
+        if m.shape[1] == seen + seqlen:  # generate passes the whole sequence's mask
+            past, new = (m[:, :seen] if seen else None), m[:, seen:]
+        elif m.shape[1] == seqlen:
+            new = m
+        else:
+            raise ValueError(f"attention_mask has {m.shape[1]} positions; expected {seqlen} or {seen + seqlen}")
+    if past is None and new is None:
+        return None
+    rows = (new if new is not None else past).shape[0]
+    device = (new if new is not None else past).device
+    full = torch.cat([past if past is not None else torch.ones(rows, seen, dtype=torch.long, device=device),
+                      new if new is not None else torch.ones(rows, seqlen, dtype=torch.long, device=device)], dim=1)
+    starts = full[:, :1] + (full[:, 1:] - full[:, :-1] == 1).sum(-1, keepdim=True)
+    if bool((starts > 1).any()):
+        raise ValueError("attention_mask has padding between real tokens; only left padding (generation) and "
+                         "right padding (scoring) are supported")
+    return None if bool(full.all()) else full
 
 
 @dataclass
@@ -513,13 +584,15 @@ class MegaxatlModel(MegaxatlPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed = value
 
-    def forward(self, input_ids=None, inputs_embeds=None, state: "MegaxatlState | None" = None) -> torch.Tensor:
+    def forward(self, input_ids=None, inputs_embeds=None, state: "MegaxatlState | None" = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: (B, L) -> final-normed hidden states (B, L, D). With `state`, the input
-        continues the sequence folded into it (which this call extends)."""
+        continues the sequence folded into it (which this call extends). mask: (B, seen + L),
+        0 at padding, or None."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         offset = state.seen if state is not None else 0
         for i, layer in enumerate(self.layers):
-            x = layer(x, state.layers[i] if state is not None else None, offset)
+            x = layer(x, state.layers[i] if state is not None else None, offset, mask)
         return self.norm_f(x)
 
 
@@ -570,16 +643,15 @@ class MegaxatlForCausalLM(MegaxatlPreTrainedModel, GenerationMixin):
                 return_dict=None, megaxatl_state: MegaxatlState | None = None, **kwargs):
         """megaxatl_state: continue the sequence folded into it (input_ids only: the new tokens)
         and extend it; returned as `megaxatl_state`."""
-        if attention_mask is not None and not bool(attention_mask.all()):
-            # a recurrent mixer folds every position into its state: padding cannot be masked out
-            raise ValueError("padded batches are not supported: attention_mask must be all ones "
-                             "(run sequences of different lengths separately)")
         if megaxatl_state is not None and input_ids is None:
             raise ValueError("megaxatl_state needs input_ids (it records the tokens it has folded in)")
-        hidden = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, state=megaxatl_state)
+        seqlen = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        mask = _full_mask(attention_mask, megaxatl_state, seqlen)
+        hidden = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, state=megaxatl_state, mask=mask)
         if megaxatl_state is not None:
             seen = megaxatl_state.tokens
             megaxatl_state.tokens = input_ids if seen is None else torch.cat([seen, input_ids], dim=1)
+            megaxatl_state.mask = mask
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
