@@ -103,7 +103,8 @@ def test_errors_are_one_line(ckpt, text_file, tmp_path, capsys):
     other = make_hf_tokenizer(tmp_path / "other_tok", vocab_size=300)
     prepare_data(inputs, tmp_path / "ds_other", other, seq_len=16, val_docs=2, num_proc=1)
     cases = [
-        (["--ckpt", tmp_path / "nope", "--data", text_file], "not a model folder"),
+        (["--ckpt", tmp_path / "nope", "--data", text_file], "nope: input folder missing"),
+        (["--ckpt", tmp_path / "ds_other", "--data", text_file], "not a model folder"),
         (["--ckpt", ckpt, "--data", tmp_path / "missing.txt"], "no such file"),
         (["--ckpt", ckpt, "--data", tmp_path / "ds_other"], "tokenizer"),
         (["--ckpt", ckpt, "--data", text_file, "--batch-size", 0], "--batch-size"),
@@ -113,3 +114,16 @@ def test_errors_are_one_line(ckpt, text_file, tmp_path, capsys):
         assert rc == 2, argv
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("megaxatl eval: error:") and needle in lines[0], err
+
+
+def test_a_sharded_copy_evaluates_like_the_model_folder(ckpt, text_file, tmp_path, capsys):
+    """--ckpt takes any weights folder `megaxatl reshard` reads: a TP 2 x PP 2 sharded copy of the
+    model scores exactly as the model folder (its tokenizer travels with it)."""
+    from megaxatl.checkpoint.reshard import reshard
+
+    reshard(ckpt, tmp_path / "tp2pp2", tp=2, pp=2)
+    rc, a, err = _run(capsys, "--ckpt", ckpt, "--data", text_file, "--seq-len", 32)
+    assert rc == 0, err
+    rc, b, err = _run(capsys, "--ckpt", tmp_path / "tp2pp2", "--data", text_file, "--seq-len", 32)
+    assert rc == 0, err
+    assert (b["loss"], b["tokens"], b["bpb"]) == (a["loss"], a["tokens"], a["bpb"])

@@ -19,7 +19,11 @@ def __getattr__(name: str):
         from megaxatl.checkpoint import sharded
 
         return getattr(sharded, name)
+    if name == "open_model":
+        from megaxatl.checkpoint.reshard import open_model
+
+        return open_model
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["CheckpointError", "load_model", "load_model_dir", "read_meta", "save_model_dir", *_SHARDED]
+__all__ = ["CheckpointError", "load_model", "load_model_dir", "open_model", "read_meta", "save_model_dir", *_SHARDED]

@@ -226,6 +226,26 @@ def _check_fits(inp: Input, source: TensorSource, layout: Layout) -> None:
             raise CheckpointError(f"{inp.path}: '{k}' is {tuple(got[k][0])}, the config makes it {tuple(shape)}")
 
 
+def open_model(path: str | Path):
+    """Any weights folder detect_input knows (a `checkpoints/` folder stands for its latest) ->
+    (model, cfg, meta, tokenizer folder or None): the plain model built from the folder's config,
+    its weights read one tensor at a time and checked to fit. What `eval` and `generate` load."""
+    from megaxatl.config import config_from_dict
+    from megaxatl.models import build
+
+    src = detect_input(path)
+    cfg = config_from_dict(src.config, str(src.path))
+    layout = check_layout(cfg.model, 1, 1)
+    source = src.open()
+    _check_fits(src, source, layout)
+    model = build(cfg)
+    state = model.state_dict()  # views of the parameters: copying into them loads the model
+    with torch.no_grad():
+        for key in layout.shapes:
+            state[key].copy_(source.read(key))
+    return model, cfg, {**src.meta, "kind": src.kind, "path": str(src.path)}, src.tokenizer_dir
+
+
 # ---- the model folder, written one tensor at a time ---------------------------------------------
 
 def _write_safetensors(file: Path, source: TensorSource) -> int:

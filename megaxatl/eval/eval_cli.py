@@ -20,7 +20,8 @@ from pathlib import Path
 
 
 def add_eval_args(p) -> None:
-    p.add_argument("--ckpt", required=True, help="a model folder (transfer output or exported checkpoint)")
+    p.add_argument("--ckpt", required=True, help="weights: a model folder (transfer output, final/), a sharded folder, "
+                                                 "a training checkpoint or a run's checkpoints/ folder (its latest)")
     p.add_argument("--data", required=True,
                    help="a prepare-data shards folder (its val split) or a .txt/.jsonl file or folder")
     p.add_argument("--split", default="val", choices=("val", "train"), help="shards split (default val)")
@@ -29,15 +30,16 @@ def add_eval_args(p) -> None:
     p.add_argument("--seq-len", type=int, default=None,
                    help="text input: window length (default min(model max_seq_len, 1024)); "
                         "shards: must equal the shards' seq_len")
-    p.add_argument("--tokenizer", help="tokenizer folder or .model (default: the checkpoint's tokenizer/)")
+    p.add_argument("--tokenizer", help="tokenizer folder or .model (default: the checkpoint's tokenizer)")
     p.add_argument("--text-field", default="text", help="jsonl field holding the text")
     p.add_argument("--txt-docs", default="file", choices=("file", "paragraph"),
                    help="text files: one document per file, or per blank-line separated paragraph")
     p.add_argument("--no-progress", action="store_true")
 
 
-def _tokenizer_path(ckpt: Path, override: str | None) -> Path:
-    path = Path(override) if override else ckpt / "tokenizer"
+def _tokenizer_path(ckpt: Path, override: str | None, own: Path | None = None) -> Path:
+    """--tokenizer, else the weights folder's own (its tokenizer/, or the one a training run used)."""
+    path = Path(override) if override else own if own is not None else ckpt / "tokenizer"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no tokenizer (the checkpoint has no tokenizer/ folder; pass --tokenizer)")
     return path
@@ -79,7 +81,7 @@ def evaluate_dataset(model, ds, batch_size: int, max_batches: int = 0, progress=
 
 
 def run_eval(args) -> int:
-    from megaxatl.checkpoint import load_model
+    from megaxatl.checkpoint import open_model
     from megaxatl.data import DataError, prepare_data, tokenizer_id
     from megaxatl.data.format import MANIFEST
     from megaxatl.data.loader import ShardDataset
@@ -92,9 +94,9 @@ def run_eval(args) -> int:
     ckpt, data = Path(args.ckpt), Path(args.data)
     if not data.exists():
         raise FileNotFoundError(f"{data}: no such file or folder")
-    model, cfg, meta = load_model(ckpt)  # CheckpointError (a ValueError) names the file
+    model, cfg, meta, own_tok = open_model(ckpt)  # CheckpointError (a ValueError) names the file
     model = model.float().eval()
-    tok_path = _tokenizer_path(ckpt, args.tokenizer)
+    tok_path = _tokenizer_path(ckpt, args.tokenizer, own_tok)
     tok_id = tokenizer_id(tok_path)
     t0 = time.time()
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 def add_generate_args(p) -> None:
-    p.add_argument("--ckpt", required=True, help="a model folder (transfer output or exported checkpoint)")
+    p.add_argument("--ckpt", required=True, help="weights: a model folder (transfer output, final/), a sharded folder, "
+                                                 "a training checkpoint or a run's checkpoints/ folder (its latest)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -17,10 +18,11 @@ def add_generate_args(p) -> None:
     p.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's tokenizer/)")
 
 
-def load_tokenizer(ckpt: Path, override: str | None):
+def load_tokenizer(ckpt: Path, override: str | None, own: Path | None = None):
+    """--tokenizer, else the weights folder's own (its tokenizer/, or the one a training run used)."""
     from transformers import AutoTokenizer
 
-    path = Path(override) if override else ckpt / "tokenizer"
+    path = Path(override) if override else own if own is not None else ckpt / "tokenizer"
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no tokenizer folder (pass --tokenizer)")
     return AutoTokenizer.from_pretrained(str(path))
@@ -29,15 +31,15 @@ def load_tokenizer(ckpt: Path, override: str | None):
 def run_generate(args) -> int:
     import torch
 
-    from megaxatl.checkpoint import load_model
+    from megaxatl.checkpoint import open_model
     from megaxatl.models.generation import stream
 
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
     ckpt = Path(args.ckpt)
-    model, cfg, _ = load_model(ckpt)
+    model, cfg, _, own_tok = open_model(ckpt)
     model = model.float().eval()
-    tok = load_tokenizer(ckpt, args.tokenizer)
+    tok = load_tokenizer(ckpt, args.tokenizer, own_tok)
     prompts = [tok(p).input_ids for p in args.prompt]
     eos = tok.eos_token_id
     outs: list[list[int]] = [[] for _ in prompts]

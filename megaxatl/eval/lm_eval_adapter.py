@@ -43,7 +43,7 @@ class MegaxatlLM(TemplateLM):
                  max_batch_size: int | None = None, max_length: int | None = None, device: str | None = None,
                  dtype: str = "float32", seed: int = 1234, **kwargs):
         super().__init__()
-        from megaxatl.checkpoint import load_model
+        from megaxatl.checkpoint import open_model
         from megaxatl.eval.generate_cli import load_tokenizer
 
         if dtype not in _DTYPES:
@@ -51,10 +51,10 @@ class MegaxatlLM(TemplateLM):
         if device and device.startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"  # lm-eval's default --device is cuda; on a CPU machine run on the CPU
         self._device = torch.device(device or "cpu")
-        model, cfg, _ = load_model(Path(ckpt))
+        model, cfg, _, own_tok = open_model(Path(ckpt))
         self.model = model.to(self._device, _DTYPES[dtype]).eval()
         self.cfg = cfg
-        self.tokenizer = load_tokenizer(Path(ckpt), tokenizer)
+        self.tokenizer = load_tokenizer(Path(ckpt), tokenizer, own_tok)
         if self.tokenizer.eos_token_id is None:
             raise ValueError(f"{ckpt}: the tokenizer defines no EOS token")
         bs = str(batch_size)
