@@ -72,7 +72,8 @@ def test_ds_config_maps_our_sections():
                             "data": {"micro_batch_size": 3}, "train": {"grad_accum": 2, "grad_clip": 0.5, "dtype": "bf16"}})
     ds = ds_config(cfg, world_size=4)
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
-    assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == 0.5
+    # the StepGuard clips (train.grad_clip) by the exact norm; DeepSpeed's own clipping stays off
+    assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == 0.0
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     z = ds["zero_optimization"]
     assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"

@@ -67,7 +67,7 @@ def test_tp2_pp2_matches_one_process_and_resumes_exactly(tmp_path, train_shards)
         assert_same_run(got, resumed, range(4, 7))  # the same-layout resume's losses and norms
         (event,) = [e for e in events(tmp_path / folder) if e["event"] == "resume"][-1:]
         assert event["optimizer"] == "restored (layout-free)" and event["layout"] == layout
-        assert event["from_layout"].startswith("TP 2 x PP 2 x DP 1, ZeRO-0, fp32 -> ")
+        assert event["from_layout"].startswith("TP 2 x PP 2 x DP 1, ZeRO-0, fp32, layers 0-1 | 2-3 -> ")
 
 
 @pytest.mark.parametrize("zero", [0, 2])

@@ -133,3 +133,18 @@ def test_layout_free_checkpoints_alone_resume_exactly(tmp_path, train_shards):
     data["train"]["portable_optimizer"] = False
     with pytest.raises(ConfigError, match="save_deepspeed_state.*portable_optimizer"):
         config_from_dict(data)
+
+
+def test_which_changes_need_the_layout_free_path():
+    from megaxatl.train.checkpoint import layout_change
+
+    base = {"tp": 1, "pp": 2, "dp": 2, "zero_stage": 0, "dtype": "fp32", "bounds": [[0, 2], [2, 4]]}
+    assert layout_change(base, dict(base)) is None
+    assert layout_change(base, {**base, "dp": 4}) is None  # fp32 ZeRO-0: every DP rank holds it all
+    assert layout_change(base, {**base, "bounds": [[0, 1], [1, 4]]}) == (
+        "TP 1 x PP 2 x DP 2, ZeRO-0, fp32, layers 0-1 | 2-3 -> TP 1 x PP 2 x DP 2, ZeRO-0, fp32, layers 0 | 1-3")
+    bf16 = {**base, "dtype": "bf16"}  # DeepSpeed's bf16 optimizer of pipeline stages partitions over DP
+    assert layout_change(bf16, {**bf16, "dp": 4}) is not None
+    assert layout_change({**base, "zero_stage": 1}, {**base, "zero_stage": 1, "dp": 4}) is not None
+    assert layout_change({**base, "engine_state": False}, dict(base)).endswith("(layout-free checkpoint) -> "
+                                                                               + "TP 1 x PP 2 x DP 2, ZeRO-0, fp32, layers 0-1 | 2-3")

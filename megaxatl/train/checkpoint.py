@@ -205,18 +205,25 @@ def layout_of(meta: dict) -> dict:
 
 
 def describe_layout(layout: dict) -> str:
+    stages = ""
+    if layout["pp"] > 1 and layout.get("bounds"):
+        stages = ", layers " + " | ".join(f"{a}-{b - 1}" if b - a > 1 else f"{a}" for a, b in layout["bounds"])
     return (f"TP {layout['tp']} x PP {layout['pp']} x DP {layout['dp']}, ZeRO-{layout['zero_stage']}, "
-            f"{layout['dtype']}")
+            f"{layout['dtype']}{stages}")
 
 
 def layout_change(saved: dict, now: dict) -> str | None:
     """'<saved> -> <now>' when DeepSpeed's per-rank files cannot restore the run at layout `now`
-    (another TP / PP split, ZeRO stage or dtype, or another DP size under ZeRO, whose optimizer
-    partitions are per DP rank); None when they can. `saved` is layout_of(meta)."""
+    (another TP / PP split or stage bounds, ZeRO stage or dtype, or another DP size where the
+    optimizer state is partitioned per DP rank); None when they can. `saved` is layout_of(meta)."""
     if not saved.get("engine_state", True):  # written without them: the layout-free state it is
         return f"{describe_layout(saved)} (layout-free checkpoint) -> {describe_layout(now)}"
     same = all(saved[k] == now[k] for k in ("tp", "pp", "zero_stage", "dtype"))
-    if same and (saved["dp"] == now["dp"] or now["zero_stage"] == 0):
+    if saved.get("bounds") is not None and now.get("bounds") is not None:  # '|' moved: other stages
+        same = same and [list(b) for b in saved["bounds"]] == [list(b) for b in now["bounds"]]
+    # optimizer state partitioned over DP: ZeRO >= 1, and the bf16 optimizer of pipeline stages
+    partitioned = now["zero_stage"] > 0 or (now["pp"] > 1 and now["dtype"] == "bf16")
+    if same and (saved["dp"] == now["dp"] or not partitioned):
         return None
     return f"{describe_layout(saved)} -> {describe_layout(now)}"
 

@@ -53,6 +53,16 @@ def init_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
+def collective_device() -> torch.device:
+    """Where a tensor handed to a collective must live: NCCL reduces CUDA tensors only (a CPU
+    tensor fails with "No backend type associated with device type cpu"); gloo takes CPU ones."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def ds_config(cfg: Config, world_size: int) -> dict:
     """Our config -> DeepSpeed's. Batch sizes: micro batch per rank x grad accumulation x DP."""
     p, t = cfg.parallel, cfg.train
@@ -74,10 +84,10 @@ def ds_config(cfg: Config, world_size: int) -> dict:
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
         "gradient_accumulation_steps": cfg.micro_batches_per_step,
         "train_batch_size": cfg.data.micro_batch_size * cfg.micro_batches_per_step * dp,
-        # ZeRO 0-2: the trainer's StepGuard clips by the exact norm (DeepSpeed's counts a copied
-        # KV head / Mamba-2 group once per TP rank holding it, and in fp32 without ZeRO a
-        # replicated parameter only on the first pipeline stage's first TP rank)
-        "gradient_clipping": 0.0 if own_clipping(cfg) else t.grad_clip,
+        # the trainer's StepGuard clips, by the exact norm (train/gradnorm.py): DeepSpeed's counts
+        # a copied KV head / Mamba-2 group once per TP rank holding it, and in fp32 without ZeRO a
+        # replicated parameter only on the first pipeline stage's first TP rank
+        "gradient_clipping": 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": t.dtype == "bf16"},
         "fp16": {"enabled": False},
@@ -90,12 +100,6 @@ def ds_config(cfg: Config, world_size: int) -> dict:
         "checkpoint": {"load_universal": False},
     }
     return out
-
-
-def own_clipping(cfg: Config) -> bool:
-    """True where the trainer takes the gradient norm and clips itself (see StepGuard and
-    train/gradnorm.py): every ZeRO stage but 3."""
-    return cfg.parallel.zero_stage <= 2
 
 
 def create_engine(model: torch.nn.Module, optimizer, scheduler, cfg: Config, world_size: int, mpu=None):

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from megaxatl.eval.metrics import nll_sums, summarize
+from megaxatl.train.engine import collective_device
 
 
 @torch.no_grad()
@@ -32,6 +33,7 @@ def evaluate(engine, loader, max_batches: int, bytes_per_token: float | None, de
                 totals[2] += float(torch.as_tensor(batch["num_bytes"]).sum())
     finally:
         engine.train(was_training)
+    totals = totals.to(collective_device())
     dist.all_reduce(totals)
     nll, tokens, nbytes = totals.tolist()
     if nbytes == 0 and bytes_per_token:

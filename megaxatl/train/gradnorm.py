@@ -1,5 +1,5 @@
 """Which gradient elements count toward the global gradient norm, so that the norm (and clipping
-by it) is the single-process one at any TP x PP x DP layout and ZeRO stage 0-2.
+by it) is the single-process one at any TP x PP x DP layout and ZeRO stage.
 
 Under tensor parallelism a rank's tensor is made of parts that are counted differently
 (checkpoint/sharded.local_chunks says which, from the parameter's TP rule):
@@ -24,10 +24,12 @@ Where the gradients are when the optimizer steps:
               piece of it is DeepSpeed's gradient fragment (`_hp_mapping`, what safe_get_full_grad
               reads), there from the end of backward until the ZeRO optimizer's step turns it,
               group by group, into the flat fp32 gradient AdamW steps. DP slices are disjoint:
-              the world sum is the norm.
+              the world sum is the norm. (The bf16 optimizer of pipeline stages keeps the whole
+              gradient per parameter there; its slice is cut out.)
 
-ZeRO-3 is not planned here (its partitions are stepped one sub-group at a time with gradients
-that may be off the device): DeepSpeed clips there.
+    ZeRO-3    each DP rank holds a contiguous slice of every parameter, flattened
+              ([rank * n, rank * n + n) of it, n = the partition size); its reduced fp32 gradient
+              is DeepSpeed's safe_get_local_grad, there until the ZeRO-3 step. Disjoint as well.
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ def _merge(ranges: Ranges) -> Ranges:
 
 
 def counted_ranges(name: str, p: torch.Tensor, layout: Layout, tp_rank: int, tp: int) -> Ranges:
-    """Flat (row-major) element ranges of this rank's tensor `p` (global name `name`) that count."""
-    shape = tuple(p.shape)
+    """Flat (row-major) element ranges of this rank's tensor `p` (global name `name`) that count
+    (p's TP-local shape: ZeRO-3's ds_shape where it partitioned p away)."""
+    shape = tuple(getattr(p, "ds_shape", p.shape))
     numel = math.prod(shape)
     if getattr(p, "ds_pipe_replicated", False):
         return []
@@ -102,16 +105,44 @@ def _grad_of(t: torch.Tensor) -> Callable[[], torch.Tensor | None]:
     return lambda: t.grad
 
 
-def _fragment_of(p: torch.Tensor) -> Callable[[], torch.Tensor | None]:
-    # DeepSpeed's reduced gradient of p's piece in this DP rank's slice (what safe_get_full_grad reads)
-    return lambda: p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)
+def _fragment_of(p: torch.Tensor, lo: int, n: int) -> Callable[[], torch.Tensor | None]:
+    """DeepSpeed's reduced gradient of p's piece [lo, lo + n) in this DP rank's slice (what
+    safe_get_full_grad reads): ZeRO-1/2 keep that piece only, the bf16 optimizer (pipeline
+    stages in bf16) the parameter's whole gradient."""
+    def read():
+        g = p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)
+        return g if g.numel() == n else g.reshape(-1).narrow(0, lo, n)
+    return read
+
+
+def _local_grad_of(p: torch.Tensor) -> Callable[[], torch.Tensor | None]:
+    def read():
+        from deepspeed.utils import safe_get_local_grad
+
+        return safe_get_local_grad(p)
+    return read
+
+
+def _zero3_plan(named, layout: Layout, tp_rank: int, tp: int) -> NormPlan:
+    import torch.distributed as dist
+
+    parts = []
+    for name, p in named:
+        n = p.ds_tensor.ds_numel  # this rank's slice of the flattened parameter (padded at the end)
+        lo = dist.get_rank(group=p.ds_process_group) * n
+        hi = min(lo + n, p.ds_numel)
+        ranges = [(max(a, lo) - lo, min(b, hi) - lo) for a, b in counted_ranges(name, p, layout, tp_rank, tp)]
+        parts.append((_local_grad_of(p), [(a, b) for a, b in ranges if a < b]))
+    return NormPlan(parts, 1, before_zero_step=True)
 
 
 def plan_norm(named, view, layout: Layout, tp_rank: int, tp: int, dp: int) -> NormPlan | None:
-    """The plan for what DeepSpeed built (train/portable.OptimizerView); None under ZeRO-3 or an
-    optimizer wrapper we do not know."""
-    if view.z3 is not None:
+    """The plan for what DeepSpeed built (train/portable.OptimizerView); None for an optimizer
+    wrapper the view does not know (e.g. FP16_Optimizer: DeepSpeed's fused Adam with bf16)."""
+    if not view.known:
         return None
+    if view.z3 is not None:
+        return _zero3_plan(named, layout, tp_rank, tp)
     if view.flat is None:  # AdamW steps the module's parameters or DeepSpeed's fp32 copies of them
         return NormPlan([(_grad_of(view.hp_of(p)), counted_ranges(n, p, layout, tp_rank, tp)) for n, p in named], dp)
     parts = []
@@ -121,5 +152,5 @@ def plan_norm(named, view, layout: Layout, tp_rank: int, tp: int, dp: int) -> No
             continue
         lo, n = m.lp_fragment_address.start, m.lp_fragment_address.numel
         ranges = [(max(a, lo) - lo, min(b, lo + n) - lo) for a, b in counted_ranges(name, p, layout, tp_rank, tp)]
-        parts.append((_fragment_of(p), [(a, b) for a, b in ranges if a < b]))
+        parts.append((_fragment_of(p, lo, n), [(a, b) for a, b in ranges if a < b]))
     return NormPlan(parts, 1, before_zero_step=True)

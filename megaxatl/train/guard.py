@@ -9,8 +9,8 @@ calls on every rank after gradients are reduced. It
    collective gives every rank the same norm and the same verdict;
 2. when the norm is not finite, skips the update (weights and moments untouched; `overflow` set,
    so DeepSpeed counts a skipped step) and records it;
-3. otherwise, when it owns clipping (ZeRO 0-2: see engine.own_clipping), scales the gradients to
-   `clip` and steps.
+3. otherwise scales the gradients to `clip` when the norm exceeds it (DeepSpeed's own clipping is
+   off: engine.ds_config) and steps.
 
 With a NormPlan (train/gradnorm.py, attached by the trainer once DeepSpeed has built its
 optimizer) the norm is exact at any layout: shards counted on every TP rank, replicated tensors
@@ -18,11 +18,13 @@ and copied KV heads / Mamba-2 groups once, the last stage's tied embedding copy 
 call `step` once per param group (one group in `param_groups` at a time), so the verdict and the
 clip scale are decided once, at the start of DeepSpeed's ZeRO step over every group's reduced
 gradient, and kept for each group's call: an update is skipped or clipped whole, never group by
-group. (Clipping the flat fp32 gradient each call hands AdamW is the same as clipping the model's.)
+group. ZeRO-3 likewise, per sub-group. (Clipping the flat fp32 gradient each call hands AdamW is
+the same as clipping the model's.)
 
-Without a plan (ZeRO-3, which steps sub-groups with gradients that may be off the device, or a
-bare optimizer) each call decides over the gradients it steps, counting a tensor on every TP rank
-when it is tensor-model-parallel and on TP rank 0 otherwise.
+Without a plan (a bare optimizer, or a DeepSpeed wrapper gradnorm does not know, which the trainer
+warns about) each call decides over the gradients it steps, counting a tensor on every TP rank
+when it is marked tensor-model-parallel and on TP rank 0 otherwise: exact for a module's own
+parameters, not for flat partitions (which carry no such mark).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import math
 
 import torch
 import torch.distributed as dist
+
+from megaxatl.train.engine import collective_device
 
 
 def _counts(p: torch.Tensor, tp_rank: int) -> bool:
@@ -59,6 +63,8 @@ class StepGuard:
             inner = zero_optimizer.step
 
             def step(*args, **kwargs):
+                if torch.cuda.is_available():  # CPU-offloaded gradients arrive by non-blocking copies
+                    torch.cuda.synchronize()
                 self._verdict = self._decide([])
                 return inner(*args, **kwargs)
             zero_optimizer.step = step
@@ -82,8 +88,8 @@ class StepGuard:
                 if _counts(p, self.tp_rank):
                     part = p.grad.detach().float().pow(2).sum().double()
                     sq = part if sq is None else sq + part
-        device = sq.device if sq is not None else (params[0].device if params else torch.device("cpu"))
-        sq = sq.reshape(1) if sq is not None else torch.zeros(1, dtype=torch.float64, device=device)
+        device = collective_device()  # NCCL: CUDA tensors (offloaded gradients sum on the CPU)
+        sq = sq.reshape(1).to(device) if sq is not None else torch.zeros(1, dtype=torch.float64, device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sq)
         total = float(sq.item()) / divisor

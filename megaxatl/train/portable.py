@@ -26,8 +26,9 @@ Where this rank's fp32 moments live, by what DeepSpeed wrapped around our torch 
                                       per-parameter state views only after the first optimizer step
                                       and a resume must set the moments before it.
     ZeRO-3                            one flat fp32 partition per sub-group; DeepSpeed's
-                                      safe_get/set_full_optimizer_state gather / set a parameter's
-                                      moments (we create the flat state first when resuming)
+                                      safe_get_full_optimizer_state gathers a parameter's moments,
+                                      and we set this rank's slice of them (creating the flat
+                                      state first when resuming)
     NVMe-offloaded state, DeepSpeed's  moments not portable: no optimizer/ is written, and a resume
     own Adam kernels (CPUAdam, ...)    at another layout restarts the optimizer and says so.
 
@@ -42,12 +43,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megaxatl.checkpoint.model_dir import CheckpointError
 from megaxatl.checkpoint.sharded import Layout, ShardedCheckpoint, load_sharded, save_sharded, seal_sharded
 from megaxatl.parallel.tp_rules import Replicate
+from megaxatl.train.engine import collective_device
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 STEP = "step"
-_BATCH_NUMEL = 1 << 28  # read moments ~1 GiB (fp32) at a time
+_BATCH_NUMEL = 1 << 28  # elements read at a time: 1 GiB of fp32 weights, 2 GiB of moments
 
 
 def _key(kind: str, name: str) -> str:
@@ -57,6 +60,12 @@ def _key(kind: str, name: str) -> str:
 def _shape(p: torch.Tensor) -> torch.Size:
     """This rank's (TP-local) shape of p, also when ZeRO-3 has partitioned it away."""
     return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+
+def _kept(t: torch.Tensor, par) -> torch.Tensor:
+    """What a rank keeps of a tensor it saves: the data on the writing DP replica, only shape and
+    dtype (a meta tensor) on the others, which take part in the save's planning but write nothing."""
+    return t.cpu() if par.dp_rank == 0 else torch.empty(t.shape, dtype=t.dtype, device="meta")
 
 
 def _batches(named, limit: int = _BATCH_NUMEL):
@@ -86,6 +95,7 @@ class OptimizerView:
         self.copies: dict[int, torch.Tensor] | None = None  # FP16_UnfusedOptimizer (bf16, ZeRO-0)
         self.z3: list[torch.Tensor] | None = None           # ZeRO-3's fp32 sub-group partitions
         self.engine_opt = engine_optimizer
+        self.known = True  # whether the fp32 masters and gradients are where this view looks
         self.problem: str | None = None
         wraps = getattr(engine_optimizer, "optimizer", None) is optimizer
         flat = (getattr(engine_optimizer, "single_partition_of_fp32_groups", None)
@@ -101,7 +111,8 @@ class OptimizerView:
         elif wraps and hasattr(engine_optimizer, "fp32_groups") and hasattr(engine_optimizer, "fp16_groups"):
             self.copies = {id(lp): hp for lps, hps in zip(engine_optimizer.fp16_groups, engine_optimizer.fp32_groups)
                            for lp, hp in zip(lps, hps)}
-        else:
+        else:  # e.g. FP16_Optimizer (DeepSpeed's fused Adam with bf16): flat copies we do not map
+            self.known = False
             self.problem = f"DeepSpeed's {type(engine_optimizer).__name__} keeps its state in a form not saved layout-free"
         if type(optimizer) not in (torch.optim.AdamW, torch.optim.Adam):
             self.problem = f"{type(optimizer).__name__}: only torch AdamW moments are saved layout-free"
@@ -127,8 +138,23 @@ class OptimizerView:
 
         if self.copies is not None:
             self.copies[id(p)].data.copy_(value)
+        elif self.z3 is not None:
+            self._z3_write(p, value, None)
         else:
             safe_set_full_fp32_param(p, value.to(p.device))
+
+    def _z3_write(self, p: torch.Tensor, value: torch.Tensor, key: str | None) -> None:
+        """Set this DP rank's slice of p's fp32 master (key None) or moment `key` from the full
+        TP-local value. (DeepSpeed's set_full_hp_param narrows the value by the padded partition
+        size: past its end on the last rank when p's size does not divide by the DP size.)"""
+        opt = self.engine_opt
+        part, group = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
+        start = dist.get_rank(group=p.ds_process_group) * p.ds_tensor.ds_numel
+        valid = max(0, min(part.numel(), p.ds_numel - start))
+        with torch.no_grad():  # the master partition is a leaf that requires grad
+            part.narrow(0, 0, valid).copy_(value.reshape(-1).narrow(0, start, valid).to(part.device, part.dtype))
+        if opt._swappable_optimizer_subgroup(group):
+            opt._optimizer_states_and_gradient_swap_out(group)
 
     # -- moments
     def _flat_state(self, i: int) -> dict:
@@ -155,15 +181,16 @@ class OptimizerView:
                 return None
             return {**{k: state[k].detach().float() for k in MOMENTS}, STEP: float(state[STEP])}
         m = p._hp_mapping
-        out, step = {}, torch.zeros(1, dtype=torch.float64)
-        have = torch.zeros(1)
+        dev = collective_device()  # NCCL: CUDA tensors, also when the partitions sit on the CPU
+        out, step = {}, torch.zeros(1, dtype=torch.float64, device=dev)
+        have = torch.zeros(1, device=dev)
         if m is not None:
             state = self._flat_state(m.param_group_index)
             if all(k in state for k in (*MOMENTS, STEP)):
                 have += 1
                 step += float(state[STEP])
         for k in MOMENTS:
-            buf = torch.zeros(p.numel(), dtype=torch.float32, device=self.flat[0].device)
+            buf = torch.zeros(p.numel(), dtype=torch.float32, device=dev)
             if have.item():
                 src = self._flat_state(m.param_group_index)[k]
                 buf.narrow(0, m.lp_fragment_address.start, m.lp_fragment_address.numel).copy_(
@@ -178,16 +205,14 @@ class OptimizerView:
         """Set p's moments (full TP-local fp32 tensors) and step. No collective."""
         step = torch.tensor(float(values[STEP]), dtype=torch.float32)
         if self.z3 is not None:
-            from deepspeed.utils import safe_set_full_optimizer_state
-
-            for f in self.z3:  # DeepSpeed writes into the flat state: it must exist first
+            for f in self.z3:  # the flat state written into must exist first
                 state = self.opt.state[f]
                 for k in MOMENTS:
                     if k not in state:
                         state[k] = torch.zeros_like(f)
                 state[STEP] = step.clone()  # AdamW increments it in place: one tensor per group
             for k in MOMENTS:
-                safe_set_full_optimizer_state(p, values[k].to(self.z3[0].device), k)
+                self._z3_write(p, values[k], k)
             return
         if self.flat is None:
             hp = self.hp_of(p)
@@ -227,7 +252,7 @@ def save_weights(folder: Path, named, view: OptimizerView, layout: Layout, par, 
     for name, p in named:
         full = view.master(p)  # collective under ZeRO: every rank, every parameter
         if layout.stage_of(name) == par.pp_rank:
-            local[name] = full.cpu()
+            local[name] = _kept(full, par)
     save_sharded(folder, local, layout.rules, layout.shapes, par.tp_rank, par.tp, writer=par.dp_rank == 0)
     seal_sharded(folder, config, par.tp, par.pp)
 
@@ -265,11 +290,11 @@ def save_optimizer(folder: Path, named, view: OptimizerView, layout: Layout, par
         if values is None or layout.stage_of(name) != par.pp_rank:
             continue
         for k in MOMENTS:
-            local[_key(k, name)] = values[k].cpu()
+            local[_key(k, name)] = _kept(values[k], par)
             rules[_key(k, name)], shapes[_key(k, name)] = layout.rules[name], layout.shapes[name]
         local[_key(STEP, name)] = torch.tensor([values[STEP]], dtype=torch.float64)
         rules[_key(STEP, name)], shapes[_key(STEP, name)] = Replicate(), (1,)
-    empty = torch.tensor([float(not local)])
+    empty = torch.tensor([float(not local)], device=collective_device())
     dist.all_reduce(empty, op=dist.ReduceOp.MAX)
     if empty.item():  # some rank has no state (no update ran yet): none is written
         return False
@@ -286,15 +311,22 @@ def restore_optimizer(folder: Path, named, view: OptimizerView, layout: Layout, 
     problem = view.problem
     if problem is None and not (Path(folder) / ".metadata").is_file():
         problem = f"the checkpoint has no layout-free optimizer state ({why_absent or f'{folder} missing'})"
-    ckpt = None
+    ckpt, error = None, None
     if problem is None:
-        ckpt = ShardedCheckpoint(folder)
-        entries = ckpt.entries()
-        missing = [n for n, _ in named if _key(MOMENTS[0], n) not in entries]
-        if missing:
-            problem = f"{folder}: no moments for '{missing[0]}' ({len(missing)} parameters)"
-    bad = torch.tensor([float(problem is not None)])
+        try:  # an error here must reach the agreement below, not leave the other ranks waiting in it
+            ckpt = ShardedCheckpoint(folder)
+            entries = ckpt.entries()
+            missing = [n for n, _ in named if _key(MOMENTS[0], n) not in entries]
+            if missing:
+                problem = f"{folder}: no moments for '{missing[0]}' ({len(missing)} parameters)"
+        except CheckpointError as e:
+            error = e
+    bad = torch.tensor([2.0 if error else float(problem is not None)], device=collective_device())
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if bad.item() == 2.0:
+        raise CheckpointError(f"{folder}: another rank could not read the layout-free optimizer state")
     if bad.item():
         return problem or "another rank could not read the layout-free optimizer state"
     rules = {}

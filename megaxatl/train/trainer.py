@@ -48,7 +48,7 @@ from megaxatl.config.pattern import STAGE_BREAK
 from megaxatl.train import checkpoint as ckpt
 from megaxatl.train import portable
 from megaxatl.train.data import build_loaders, bytes_per_token
-from megaxatl.train.engine import create_engine, init_distributed, own_clipping
+from megaxatl.train.engine import collective_device, create_engine, init_distributed
 from megaxatl.train.evaluate import evaluate, evaluate_pipeline
 from megaxatl.train.freeze import FreezePolicy, GradGate
 from megaxatl.train.gradnorm import plan_norm
@@ -188,7 +188,8 @@ class Trainer:
             raise ConfigError(source, "model", f"differs from the model of the checkpoint being resumed ({latest}); "
                                                "use another train.out_dir or train.resume false")
         self.layout_now = {"tp": self.par.tp, "pp": self.par.pp, "dp": self.par.dp,
-                           "zero_stage": cfg.parallel.zero_stage, "dtype": t.dtype}
+                           "zero_stage": cfg.parallel.zero_stage, "dtype": t.dtype,
+                           "bounds": [list(b) for b in self.layout.bounds]}
         self.layout_change = ckpt.layout_change(ckpt.layout_of(saved), self.layout_now) if saved else None
         if self.layout_change and not (latest / ckpt.WEIGHTS_DIR).is_dir():
             raise ConfigError(source, "parallel", f"the checkpoint being resumed ({latest}) has no layout-free "
@@ -210,7 +211,7 @@ class Trainer:
         self.freeze = FreezePolicy(cfg.transfer.freeze)
         groups = param_groups(self.built.module, self.transferred, t, named=self.built.named, all_names=all_names)
         optimizer = build_optimizer(groups, t)
-        self.guard = StepGuard(optimizer, clip=t.grad_clip if own_clipping(cfg) else 0.0,
+        self.guard = StepGuard(optimizer, clip=t.grad_clip,
                                tp_rank=self.par.tp_rank, dp=self.par.dp)
         self.scheduler = GroupLRScheduler(optimizer, t, self.freeze)
         self.gate = GradGate(p for g in groups if g["role"].startswith("transferred") for p in g["params"])
@@ -222,7 +223,7 @@ class Trainer:
         self.opt_view = portable.OptimizerView(self.engine.optimizer, optimizer)
         self.guard.attach(plan_norm(self.built.named, self.opt_view, self.layout, self.par.tp_rank, self.par.tp,
                                     self.par.dp), self.engine.optimizer)
-        if own_clipping(cfg) and self.guard.plan is None and self.rank == 0:
+        if self.guard.plan is None and self.rank == 0:
             log.warning("gradient clipping by a per-call norm: no exact norm plan for DeepSpeed's %s",
                         type(self.engine.optimizer).__name__)
 
@@ -254,8 +255,6 @@ class Trainer:
                            layout=self.par.describe(), zero_stage=cfg.parallel.zero_stage, dtype=t.dtype,
                            transferred=len(self.transferred), flops_per_token=self.metrics.flops_per_token,
                            **resumed)
-        # the StepGuard's exact norm where it clips (ZeRO 0-2), DeepSpeed's under ZeRO-3
-        self.own_grad_norm = own_clipping(cfg)
         self.bad_streak = 0
         self._micro = 0
         self.losses: dict[int, float] = {}
@@ -306,7 +305,7 @@ class Trainer:
                         self.metrics.event(step, "unfreeze", policy=self.freeze.policy,
                                            warmup_steps=self.cfg.transfer.freeze.warmup_steps)
                 if step % self.cfg.logging.log_interval == 0 or step == t.steps:
-                    norm = self.guard.last_norm if self.own_grad_norm else self.engine.get_global_grad_norm()
+                    norm = self.guard.last_norm  # the exact norm it clipped by (train/gradnorm.py)
                     self.metrics.train(step, t.steps, tokens=tokens_per_step * steps_in_window, seconds=window_time,
                                        loss=sum(window) / len(window) if window else float("nan"), lr=lr,
                                        lr_transferred=lr_transferred,
@@ -437,7 +436,7 @@ class Trainer:
     @staticmethod
     def _agree(flag: bool) -> bool:
         """True on every rank if it is true on any (a signal may reach one rank only)."""
-        t = torch.tensor([float(flag)])
+        t = torch.tensor([float(flag)], device=collective_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
