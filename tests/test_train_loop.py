@@ -175,18 +175,25 @@ def test_non_finite_gradient_under_a_finite_loss_skips_the_update(tmp_path, trai
             fault=lambda step, micro: "grad" if step >= 4 else False)
 
 
-def test_step_guard_clips_like_torch_and_skips_non_finite():
-    from megaxatl.train.guard import StepGuard
-
+def _twins_clipped_by_torch(clip: float = 0.5):
+    """Two equal Linear layers after the same backward; the second's gradients clipped by torch
+    and its AdamW ready to step. -> (a, x, b, b's optimizer, the norm torch measured)."""
     torch.manual_seed(0)
     a, b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
     b.load_state_dict(a.state_dict())
-    opt_a, opt_b = torch.optim.AdamW(a.parameters(), lr=0.1), torch.optim.AdamW(b.parameters(), lr=0.1)
-    guard = StepGuard(opt_a, clip=0.5)
     x = torch.randn(4, 8)
     a(x).pow(2).sum().backward()
     b(x).pow(2).sum().backward()
-    ref_norm = float(torch.nn.utils.clip_grad_norm_(b.parameters(), 0.5))
+    ref_norm = float(torch.nn.utils.clip_grad_norm_(b.parameters(), clip))
+    return a, x, b, torch.optim.AdamW(b.parameters(), lr=0.1), ref_norm
+
+
+def test_step_guard_clips_like_torch_and_skips_non_finite():
+    from megaxatl.train.guard import StepGuard
+
+    a, x, b, opt_b, ref_norm = _twins_clipped_by_torch()
+    opt_a = torch.optim.AdamW(a.parameters(), lr=0.1)
+    guard = StepGuard(opt_a, clip=0.5)
     opt_a.step()
     opt_b.step()
     assert abs(guard.last_norm - ref_norm) <= 1e-6 * ref_norm and not guard.last_skipped
@@ -220,18 +227,11 @@ def test_step_guard_decides_a_zero_step_once_for_all_groups():
                 self.optimizer.step()
             self.optimizer.param_groups = groups
 
-    torch.manual_seed(0)
-    a, b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
-    b.load_state_dict(a.state_dict())
+    a, x, b, opt_b, ref_norm = _twins_clipped_by_torch()
     opt_a = torch.optim.AdamW([{"params": [a.weight]}, {"params": [a.bias]}], lr=0.1)
-    opt_b = torch.optim.AdamW(b.parameters(), lr=0.1)
     guard, zero = StepGuard(opt_a, clip=0.5), ZeroLike(opt_a)
     guard.attach(NormPlan([((lambda p=p: p.grad), [(0, p.numel())]) for p in a.parameters()], 1,
                           before_zero_step=True), zero)
-    x = torch.randn(4, 8)
-    a(x).pow(2).sum().backward()
-    b(x).pow(2).sum().backward()
-    ref_norm = float(torch.nn.utils.clip_grad_norm_(b.parameters(), 0.5))
     guard.begin_step()
     zero.step()
     opt_b.step()
