@@ -182,24 +182,22 @@ class OptimizerView:
             return {**{k: state[k].detach().float() for k in MOMENTS}, STEP: float(state[STEP])}
         m = p._hp_mapping
         dev = collective_device()  # NCCL: CUDA tensors, also when the partitions sit on the CPU
-        out, step = {}, torch.zeros(1, dtype=torch.float64, device=dev)
-        have = torch.zeros(1, device=dev)
-        if m is not None:
-            state = self._flat_state(m.param_group_index)
-            if all(k in state for k in (*MOMENTS, STEP)):
-                have += 1
-                step += float(state[STEP])
+        # [have state, step] of this rank's piece, agreed over the DP group in one collective
+        meta = torch.zeros(2, dtype=torch.float64, device=dev)
+        state = self._flat_state(m.param_group_index) if m is not None else {}
+        mine = m is not None and all(k in state for k in (*MOMENTS, STEP))
+        if mine:
+            meta[0], meta[1] = 1.0, float(state[STEP])
+        out = {}
         for k in MOMENTS:
             buf = torch.zeros(p.numel(), dtype=torch.float32, device=dev)
-            if have.item():
-                src = self._flat_state(m.param_group_index)[k]
+            if mine:
                 buf.narrow(0, m.lp_fragment_address.start, m.lp_fragment_address.numel).copy_(
-                    src.narrow(0, m.hp_fragment_address.start, m.hp_fragment_address.numel))
+                    state[k].narrow(0, m.hp_fragment_address.start, m.hp_fragment_address.numel))
             dist.all_reduce(buf, group=p._dp_group)
             out[k] = buf.view(p.shape)
-        dist.all_reduce(step, op=dist.ReduceOp.MAX, group=p._dp_group)
-        dist.all_reduce(have, op=dist.ReduceOp.MAX, group=p._dp_group)
-        return {**out, STEP: float(step.item())} if have.item() else None
+        dist.all_reduce(meta, op=dist.ReduceOp.MAX, group=p._dp_group)
+        return {**out, STEP: float(meta[1].item())} if meta[0].item() else None
 
     def write(self, p: torch.Tensor, values: dict) -> None:
         """Set p's moments (full TP-local fp32 tensors) and step. No collective."""
