@@ -219,6 +219,8 @@ def test_single_process_save_sharded_and_training_checkpoint_input(folders, tmp_
     out = tmp_path / "out"
     reshard(ck.parent, out, 2, 1)  # the checkpoints root stands for the checkpoint `latest` names
     assert_same(read_full(out), sd)
+    reshard(ck.parent / "latest", tmp_path / "out2", 1, 1)  # and so does the `latest` file itself
+    assert_same(read_full(tmp_path / "out2"), sd)
     meta = json.loads((out / "shards.json").read_text())
     assert meta["step"] == 5 and meta["resharded_from"]["kind"] == "training checkpoint"
     assert (out / "tokenizer").is_dir()

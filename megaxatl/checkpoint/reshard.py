@@ -10,7 +10,8 @@ Inputs, recognised by their files:
                               with DeepSpeed's zero_to_fp32 (ZeRO 1-3) or read from
                               mp_rank_00_model_states.pt (ZeRO 0)
 
-A `checkpoints/` folder with a `latest` file stands for the checkpoint it names. Everything is
+A `checkpoints/` folder with a `latest` file, or that file itself, stands for the checkpoint it
+names. Everything is
 checked before anything is written (the layout divides the model, the weights fit the config,
 the output folder is free), then the output is written atomically, one tensor at a time.
 """
@@ -156,6 +157,11 @@ def _tokenizer(path: Path | None) -> Path | None:
 def detect_input(path: str | Path) -> Input:
     """What kind of weights folder `path` is, and its config and metadata (nothing heavy is read)."""
     path = Path(path)
+    if path.is_file() and path.name == "latest":  # DeepSpeed's pointer file: the tag it names
+        tag = path.read_text().strip()
+        if not tag or not (path.parent / tag).is_dir():
+            raise CheckpointError(f"{path}: names {tag!r}, which is not a checkpoint folder beside it")
+        path = path.parent / tag
     if not path.is_dir():
         raise CheckpointError(f"{path}: input folder missing (or not a directory)")
     if not (path / TRAIN_META).is_file() and (path / "latest").is_file():
