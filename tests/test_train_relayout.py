@@ -148,3 +148,34 @@ def test_which_changes_need_the_layout_free_path():
     assert layout_change({**base, "zero_stage": 1}, {**base, "zero_stage": 1, "dp": 4}) is not None
     assert layout_change({**base, "engine_state": False}, dict(base)).endswith("(layout-free checkpoint) -> "
                                                                                + "TP 1 x PP 2 x DP 2, ZeRO-0, fp32, layers 0-1 | 2-3")
+
+
+def _agreed_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from megaxatl.checkpoint import CheckpointError
+    from megaxatl.train.portable import agreed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        with agreed("ckpt/weights"):
+            if rank == 1:
+                raise CheckpointError("ckpt/weights/__1_0.distcp: checksum mismatch")
+        result = "no error"
+    except CheckpointError as e:
+        result = str(e)
+    finally:
+        dist.destroy_process_group()
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(result)
+
+
+def test_a_read_error_on_one_rank_stops_every_rank(tmp_path):
+    """A corrupt shard read by one rank only: every rank raises (none waits in a collective for
+    the one that stopped), the reader with its own error naming the file."""
+    import torch.multiprocessing as mp
+    from test_parallel_tp import _free_port
+
+    mp.spawn(_agreed_worker, args=(2, _free_port(), str(tmp_path / "r")), nprocs=2, join=True)
+    assert (tmp_path / "r.1").read_text() == "ckpt/weights/__1_0.distcp: checksum mismatch"
+    assert (tmp_path / "r.0").read_text() == "ckpt/weights: failed on another rank (its error names the file)"

@@ -38,6 +38,7 @@ copies, not the bf16-rounded parameters, and a resume at another layout sets the
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -60,6 +61,26 @@ def _key(kind: str, name: str) -> str:
 def _shape(p: torch.Tensor) -> torch.Size:
     """This rank's (TP-local) shape of p, also when ZeRO-3 has partitioned it away."""
     return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+
+@contextmanager
+def agreed(what: str):
+    """Collective, around reading `what`: when a CheckpointError ends the block on any rank, every
+    rank raises (its own error where it has one), so none is left waiting in a later collective
+    for one that has gone. (A shard's checksum is checked when first read: a corrupt file fails
+    only the ranks that read it.)"""
+    error = None
+    try:
+        yield
+    except CheckpointError as e:
+        error = e
+    flag = torch.tensor([float(error is not None)], device=collective_device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if flag.item():
+        raise CheckpointError(f"{what}: failed on another rank (its error names the file)")
 
 
 def _kept(t: torch.Tensor, par) -> torch.Tensor:
@@ -331,13 +352,14 @@ def restore_optimizer(folder: Path, named, view: OptimizerView, layout: Layout, 
     for name, _ in named:
         rules.update({_key(k, name): layout.rules[name] for k in MOMENTS})
         rules[_key(STEP, name)] = Replicate()
-    for batch in _batches(named):
-        bufs = {}
-        for name, p in batch:
-            bufs.update({_key(k, name): torch.empty(_shape(p), dtype=torch.float32) for k in MOMENTS})
-            bufs[_key(STEP, name)] = torch.empty(1, dtype=torch.float64)
-        load_sharded(ckpt, bufs, rules, par.tp_rank, par.tp)
-        for name, p in batch:
-            view.write(p, {**{k: bufs[_key(k, name)] for k in MOMENTS}, STEP: bufs[_key(STEP, name)].item()})
-    view.finish()
+    with agreed(str(folder)):
+        for batch in _batches(named):
+            bufs = {}
+            for name, p in batch:
+                bufs.update({_key(k, name): torch.empty(_shape(p), dtype=torch.float32) for k in MOMENTS})
+                bufs[_key(STEP, name)] = torch.empty(1, dtype=torch.float64)
+            load_sharded(ckpt, bufs, rules, par.tp_rank, par.tp)
+            for name, p in batch:
+                view.write(p, {**{k: bufs[_key(k, name)] for k in MOMENTS}, STEP: bufs[_key(STEP, name)].item()})
+        view.finish()
     return None

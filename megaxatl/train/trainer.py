@@ -206,7 +206,8 @@ class Trainer:
         all_names = {n for n, _ in model.named_parameters()}
         self.built = parallelize(model, cfg, self.par, loss_wrapper=self._inject_fault if fault else None)
         if self.layout_change:  # before DeepSpeed copies them into its partitions / master weights
-            portable.load_weights(latest / ckpt.WEIGHTS_DIR, self.built.named, self.layout, self.par)
+            with portable.agreed(str(latest / ckpt.WEIGHTS_DIR)):  # a bad file stops every rank
+                portable.load_weights(latest / ckpt.WEIGHTS_DIR, self.built.named, self.layout, self.par)
 
         self.freeze = FreezePolicy(cfg.transfer.freeze)
         groups = param_groups(self.built.module, self.transferred, t, named=self.built.named, all_names=all_names)
@@ -264,8 +265,9 @@ class Trainer:
         """The rest of a resume at another layout (the weights were read before DeepSpeed's set-up):
         bf16 master weights, AdamW moments, step counters. -> the resume event's fields."""
         step = int(meta["step"])
-        portable.restore_master_weights(latest / ckpt.WEIGHTS_DIR, self.built.named, self.opt_view, self.layout,
-                                        self.par)
+        with portable.agreed(str(latest / ckpt.WEIGHTS_DIR)):
+            portable.restore_master_weights(latest / ckpt.WEIGHTS_DIR, self.built.named, self.opt_view, self.layout,
+                                            self.par)
         why = portable.restore_optimizer(latest / ckpt.OPTIMIZER_DIR, self.built.named, self.opt_view, self.layout,
                                          self.par, why_absent=meta.get("optimizer_state"))
         self.scheduler.last_step = step
