@@ -240,11 +240,10 @@ def read_rank_state(path: Path, rank: int) -> dict:
         raise _damaged(Path(path), e, rank_file) from e
 
 
-def load(engine, path: Path) -> tuple[dict, dict]:
+def load(engine, path: Path) -> dict:
     """Collective. Restore the engine from checkpoint `path` (written at this layout: see
-    layout_change); -> (our meta, this rank's state)."""
+    layout_change; its megaxatl.json is read_meta's); -> this rank's state."""
     path = Path(path)
-    meta = read_meta(path)
     try:
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
@@ -252,4 +251,4 @@ def load(engine, path: Path) -> tuple[dict, dict]:
         raise (_damaged(path, e) or e) from e
     if load_path is None:
         raise RuntimeError(f"{path}: DeepSpeed could not load this checkpoint")
-    return meta, read_rank_state(path, dist.get_rank())
+    return read_rank_state(path, dist.get_rank())

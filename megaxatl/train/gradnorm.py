@@ -42,6 +42,7 @@ import torch
 
 from megaxatl.checkpoint.sharded import Layout, local_chunks
 from megaxatl.parallel.tp_rules import Replicate
+from megaxatl.train.portable import param_shape
 
 Ranges = list[tuple[int, int]]
 
@@ -59,7 +60,7 @@ def _merge(ranges: Ranges) -> Ranges:
 def counted_ranges(name: str, p: torch.Tensor, layout: Layout, tp_rank: int, tp: int) -> Ranges:
     """Flat (row-major) element ranges of this rank's tensor `p` (global name `name`) that count
     (p's TP-local shape: ZeRO-3's ds_shape where it partitioned p away)."""
-    shape = tuple(getattr(p, "ds_shape", p.shape))
+    shape = tuple(param_shape(p))
     numel = math.prod(shape)
     if getattr(p, "ds_pipe_replicated", False):
         return []

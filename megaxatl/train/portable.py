@@ -58,7 +58,7 @@ def _key(kind: str, name: str) -> str:
     return f"{kind}/{name}"
 
 
-def _shape(p: torch.Tensor) -> torch.Size:
+def param_shape(p: torch.Tensor) -> torch.Size:
     """This rank's (TP-local) shape of p, also when ZeRO-3 has partitioned it away."""
     return p.ds_shape if hasattr(p, "ds_shape") else p.shape
 
@@ -92,7 +92,7 @@ def _kept(t: torch.Tensor, par) -> torch.Tensor:
 def _batches(named, limit: int = _BATCH_NUMEL):
     batch, size = [], 0
     for name, p in named:
-        numel = _shape(p).numel()
+        numel = param_shape(p).numel()
         if batch and size + numel > limit:
             yield batch
             batch, size = [], 0
@@ -151,8 +151,10 @@ class OptimizerView:
         return (full if full is not None else self.hp_of(p)).detach().float()
 
     def needs_master(self, p: torch.Tensor) -> bool:
-        """Whether DeepSpeed keeps a separate fp32 copy of p (made from p at set-up)."""
-        return self.copies is not None or getattr(p, "_hp_mapping", None) is not None or hasattr(p, "ds_id")
+        """Whether DeepSpeed keeps a separate fp32 copy of p made from a rounded p at set-up (an
+        fp32 p was loaded exactly, and so was the copy made from it)."""
+        separate = self.copies is not None or getattr(p, "_hp_mapping", None) is not None or hasattr(p, "ds_id")
+        return separate and p.dtype != torch.float32
 
     def set_master(self, p: torch.Tensor, value: torch.Tensor) -> None:
         from deepspeed.utils import safe_set_full_fp32_param
@@ -276,21 +278,22 @@ def save_weights(folder: Path, named, view: OptimizerView, layout: Layout, par, 
     seal_sharded(folder, config, par.tp, par.pp)
 
 
-def load_weights(folder: Path, named, layout: Layout, par) -> None:
+def load_weights(folder: Path, named, layout: Layout, par) -> ShardedCheckpoint:
     """Fill this rank's parameters (TP-local, this stage's) in place; before deepspeed.initialize,
-    so ZeRO's partitions and master copies start from them. No collective."""
-    load_sharded(folder, {name: p.data for name, p in named}, layout.rules, par.tp_rank, par.tp)
-
-
-def restore_master_weights(folder: Path, named, view: OptimizerView, layout: Layout, par) -> None:
-    """After deepspeed.initialize: a bf16 run's fp32 master copies were made from the bf16-rounded
-    parameters; set them from the saved fp32 weights. No collective."""
-    todo = [(n, p) for n, p in named if view.needs_master(p)]
-    if not todo:
-        return
+    so ZeRO's partitions and master copies start from them. No collective. -> the open folder
+    (its files' checksums checked), for restore_master_weights."""
     ckpt = ShardedCheckpoint(folder)
+    load_sharded(ckpt, {name: p.data for name, p in named}, layout.rules, par.tp_rank, par.tp)
+    return ckpt
+
+
+def restore_master_weights(ckpt: ShardedCheckpoint, named, view: OptimizerView, layout: Layout, par) -> None:
+    """After deepspeed.initialize: a bf16 run's fp32 master copies were made from the bf16-rounded
+    parameters; set them from the saved fp32 weights (`ckpt`: what load_weights opened). No
+    collective."""
+    todo = [(n, p) for n, p in named if view.needs_master(p)]
     for batch in _batches(todo):
-        bufs = {n: torch.empty(_shape(p), dtype=torch.float32) for n, p in batch}
+        bufs = {n: torch.empty(param_shape(p), dtype=torch.float32) for n, p in batch}
         load_sharded(ckpt, bufs, layout.rules, par.tp_rank, par.tp)
         for n, p in batch:
             view.set_master(p, bufs[n])
@@ -356,7 +359,7 @@ def restore_optimizer(folder: Path, named, view: OptimizerView, layout: Layout, 
         for batch in _batches(named):
             bufs = {}
             for name, p in batch:
-                bufs.update({_key(k, name): torch.empty(_shape(p), dtype=torch.float32) for k in MOMENTS})
+                bufs.update({_key(k, name): torch.empty(param_shape(p), dtype=torch.float32) for k in MOMENTS})
                 bufs[_key(STEP, name)] = torch.empty(1, dtype=torch.float64)
             load_sharded(ckpt, bufs, rules, par.tp_rank, par.tp)
             for name, p in batch:

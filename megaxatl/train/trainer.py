@@ -207,7 +207,8 @@ class Trainer:
         self.built = parallelize(model, cfg, self.par, loss_wrapper=self._inject_fault if fault else None)
         if self.layout_change:  # before DeepSpeed copies them into its partitions / master weights
             with portable.agreed(str(latest / ckpt.WEIGHTS_DIR)):  # a bad file stops every rank
-                portable.load_weights(latest / ckpt.WEIGHTS_DIR, self.built.named, self.layout, self.par)
+                self._resume_weights = portable.load_weights(latest / ckpt.WEIGHTS_DIR, self.built.named,
+                                                             self.layout, self.par)
 
         self.freeze = FreezePolicy(cfg.transfer.freeze)
         groups = param_groups(self.built.module, self.transferred, t, named=self.built.named, all_names=all_names)
@@ -231,11 +232,12 @@ class Trainer:
         self.step, self.skipped, self.resumed_from, self.last_ckpt = 0, 0, None, latest
         resumed: dict = {}
         if latest is not None:
+            meta = saved
             if self.layout_change is None:
-                meta, rank_state = ckpt.load(self.engine, latest)
+                rank_state = ckpt.load(self.engine, latest)
                 resumed = {"optimizer": "restored"}
             else:
-                meta, rank_state = saved, ckpt.read_rank_state(latest, self.rank)
+                rank_state = ckpt.read_rank_state(latest, self.rank)
                 resumed = self._resume_layout_free(latest, meta)
             self.step = self.resumed_from = int(meta["step"])
             self.skipped = int(meta.get("skipped", 0))
@@ -266,8 +268,9 @@ class Trainer:
         bf16 master weights, AdamW moments, step counters. -> the resume event's fields."""
         step = int(meta["step"])
         with portable.agreed(str(latest / ckpt.WEIGHTS_DIR)):
-            portable.restore_master_weights(latest / ckpt.WEIGHTS_DIR, self.built.named, self.opt_view, self.layout,
+            portable.restore_master_weights(self._resume_weights, self.built.named, self.opt_view, self.layout,
                                             self.par)
+        del self._resume_weights
         why = portable.restore_optimizer(latest / ckpt.OPTIMIZER_DIR, self.built.named, self.opt_view, self.layout,
                                          self.par, why_absent=meta.get("optimizer_state"))
         self.scheduler.last_step = step
