@@ -4,7 +4,7 @@ Compares, in one run and on identical inputs (u, delta, z: (B, D, L); A: (D, N);
 D, delta_bias: (D,); softplus on, z gating on):
   cpu          our fast path (C++ core, what dispatch picks on CPU)
   torch        our pure-PyTorch chunked fallback
-  naive        our sequential reference (kernels/selective/naive.py)
+  naive        our sequential reference (kernels/src/selective/naive.py)
   hf-mixer     the scan MambaMixer runs without mamba-ssm: transformers'
                modeling_mamba.mamba_selective_scan (called directly; in transformers 5.24 the
                mixer has no `slow_forward`, this function *is* its torch path)

@@ -22,9 +22,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from megaxatl.kernels import dispatch, testing  # noqa: E402
+from megaxatl.kernels import dispatch, testing
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:

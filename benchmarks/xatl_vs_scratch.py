@@ -43,10 +43,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from megaxatl.demo import DEFAULT_CONFIG, eval_curve, plot_into, prepare_corpus
 
-from megaxatl.demo import DEFAULT_CONFIG, eval_curve, plot_into, prepare_corpus  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_MODE = "emb+norm+mlp+oproj"
 # arm name -> (transfer mode or None for scratch, LIT freeze?)

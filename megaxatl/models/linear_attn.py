@@ -2,7 +2,7 @@
 
 Both are gated linear attention: S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t, o_t = scale q_t S_t,
 with g a constant log gamma_h per head (retention) or a data-dependent per-key-dim forget gate
-(GLA). The three forms compute the same function (kernels/gla/):
+(GLA). The three forms compute the same function (kernels/src/gla/):
     'chunk'      chunkwise recurrent (kernels' `gla_scan`, dispatched): training, any length
     'parallel'   quadratic masked-decay scores: training, short sequences
     'recurrent'  step by step: the reference; decoding uses its one-step form

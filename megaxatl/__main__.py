@@ -1,0 +1,7 @@
+"""`python -m megaxatl ...` is the `megaxatl` command."""
+
+import sys
+
+from megaxatl.cli import main
+
+sys.exit(main())
