@@ -126,6 +126,7 @@ def checkpoint(args, root: Path, cfg) -> None:
     from megaxatl.fsutil import sha256_file
     from megaxatl.models import build
     from megaxatl.train import portable
+    from megaxatl.train.deepspeed_internals import OptimizerView
     from megaxatl.train.engine import create_engine, init_distributed
     from megaxatl.train.optim import build_optimizer, param_groups
     from megaxatl.train.parallelize import parallel_state, parallelize
@@ -139,7 +140,7 @@ def checkpoint(args, root: Path, cfg) -> None:
     ids = torch.randint(0, cfg.model.vocab_size, (1, 64))
     engine.backward(engine(ids, labels=ids))
     engine.step()
-    view = portable.OptimizerView(engine.optimizer, opt)
+    view = OptimizerView(engine.optimizer, opt)
     layout = check_layout(cfg.model, 1, 1)
 
     t0 = time.perf_counter()

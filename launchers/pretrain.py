@@ -41,9 +41,13 @@ def main(argv=None) -> int:
         print(f"pretrain: config error: {e}", file=sys.stderr)
         return 2
     from megaxatl.train import TrainingDiverged, run
+    from megaxatl.train.deepspeed_internals import UnsupportedDeepSpeed
 
     try:
         result = run(cfg, source=args.config, stop_after=args.stop_after)
+    except UnsupportedDeepSpeed as e:
+        print(f"pretrain: {e}", file=sys.stderr)
+        return 2
     except ConfigError as e:
         print(f"pretrain: config error: {e}", file=sys.stderr)
         return 2

@@ -27,6 +27,13 @@ def _usable(module: str, probe) -> str:
         return f"no ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
 
 
+def _deepspeed_probe(mod) -> str:
+    from megaxatl.train.deepspeed_internals import check_version
+
+    check_version()  # the trainer's own gate: a version outside the checked range is not usable
+    return mod.get_accelerator().device_name()
+
+
 def shipped_configs() -> list[Path]:
     """configs/*.json beside the package (a source checkout) or in the working directory."""
     here = Path(__file__).resolve().parent.parent / "configs"
@@ -69,7 +76,7 @@ def run_info(args) -> int:
     print("usable:")
     cuda = torch.cuda.is_available()
     print(f"  CUDA           {'yes (' + torch.cuda.get_device_name(0) + ')' if cuda else 'no'}")
-    print(f"  DeepSpeed      {_usable('deepspeed', lambda m: m.get_accelerator().device_name())}")
+    print(f"  DeepSpeed      {_usable('deepspeed', _deepspeed_probe)}")
     print(f"  megatron-core  {_usable('megatron.core.parallel_state', lambda m: '')}")
     from megaxatl.kernels.dispatch import describe_backends
 

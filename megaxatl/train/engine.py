@@ -26,9 +26,11 @@ _MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
 
 def init_distributed() -> tuple[int, int, int]:
     """Initialise torch.distributed through DeepSpeed once; -> (rank, world_size, local_rank)."""
+    from megaxatl.train import deepspeed_internals
+
+    deepspeed_internals.check_version()  # before anything reads DeepSpeed's private state
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
-    import deepspeed.ops
     import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -36,9 +38,7 @@ def init_distributed() -> tuple[int, int, int]:
         torch.cuda.set_device(local_rank)  # before NCCL starts: one device per rank
     if not dist.is_initialized():
         if not os.environ.get("MEGAXATL_DS_SHM_COMM"):
-            # DeepSpeed JIT-builds a shared-memory all-reduce (~1 min on a fresh machine) when its
-            # comm backend starts; it only serves inference all-reduce, never training.
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+            deepspeed_internals.skip_shm_comm_build()
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         launched = "RANK" in os.environ or any(k in os.environ for k in _MPI_ENV)
         if launched:  # deepspeed / torchrun set RANK etc.; under mpirun DeepSpeed discovers them

@@ -42,7 +42,7 @@ import torch
 
 from megaxatl.checkpoint.sharded import Layout, local_chunks
 from megaxatl.parallel.tp_rules import Replicate
-from megaxatl.train.portable import param_shape
+from megaxatl.train import deepspeed_internals as dsi
 
 Ranges = list[tuple[int, int]]
 
@@ -60,9 +60,9 @@ def _merge(ranges: Ranges) -> Ranges:
 def counted_ranges(name: str, p: torch.Tensor, layout: Layout, tp_rank: int, tp: int) -> Ranges:
     """Flat (row-major) element ranges of this rank's tensor `p` (global name `name`) that count
     (p's TP-local shape: ZeRO-3's ds_shape where it partitioned p away)."""
-    shape = tuple(param_shape(p))
+    shape = tuple(dsi.param_shape(p))
     numel = math.prod(shape)
-    if getattr(p, "ds_pipe_replicated", False):
+    if dsi.is_pipe_replicated(p):
         return []
     rule = layout.rules[name]
     if isinstance(rule, Replicate) or tp == 1:
@@ -111,7 +111,7 @@ def _fragment_of(p: torch.Tensor, lo: int, n: int) -> Callable[[], torch.Tensor 
     safe_get_full_grad reads): ZeRO-1/2 keep that piece only, the bf16 optimizer (pipeline
     stages in bf16) the parameter's whole gradient."""
     def read():
-        g = p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)
+        g = dsi.fragment_grad(p)
         return g if g.numel() == n else g.reshape(-1).narrow(0, lo, n)
     return read
 
@@ -125,20 +125,16 @@ def _local_grad_of(p: torch.Tensor) -> Callable[[], torch.Tensor | None]:
 
 
 def _zero3_plan(named, layout: Layout, tp_rank: int, tp: int) -> NormPlan:
-    import torch.distributed as dist
-
     parts = []
     for name, p in named:
-        n = p.ds_tensor.ds_numel  # this rank's slice of the flattened parameter (padded at the end)
-        lo = dist.get_rank(group=p.ds_process_group) * n
-        hi = min(lo + n, p.ds_numel)
+        lo, hi = dsi.zero3_slice(p)  # this rank's slice of the flattened parameter
         ranges = [(max(a, lo) - lo, min(b, hi) - lo) for a, b in counted_ranges(name, p, layout, tp_rank, tp)]
         parts.append((_local_grad_of(p), [(a, b) for a, b in ranges if a < b]))
     return NormPlan(parts, 1, before_zero_step=True)
 
 
 def plan_norm(named, view, layout: Layout, tp_rank: int, tp: int, dp: int) -> NormPlan | None:
-    """The plan for what DeepSpeed built (train/portable.OptimizerView); None for an optimizer
+    """The plan for what DeepSpeed built (train/deepspeed_internals.OptimizerView); None for an optimizer
     wrapper the view does not know (e.g. FP16_Optimizer: DeepSpeed's fused Adam with bf16)."""
     if not view.known:
         return None
@@ -148,10 +144,10 @@ def plan_norm(named, view, layout: Layout, tp_rank: int, tp: int, dp: int) -> No
         return NormPlan([(_grad_of(view.hp_of(p)), counted_ranges(n, p, layout, tp_rank, tp)) for n, p in named], dp)
     parts = []
     for name, p in named:
-        m = getattr(p, "_hp_mapping", None)
-        if m is None:  # no piece of p in this DP rank's slice
+        piece = dsi.fragment(p)
+        if piece is None:  # no piece of p in this DP rank's slice
             continue
-        lo, n = m.lp_fragment_address.start, m.lp_fragment_address.numel
+        lo, n = piece
         ranges = [(max(a, lo) - lo, min(b, lo + n) - lo) for a, b in counted_ranges(name, p, layout, tp_rank, tp)]
         parts.append((_fragment_of(p, lo, n), [(a, b) for a, b in ranges if a < b]))
     return NormPlan(parts, 1, before_zero_step=True)

@@ -34,11 +34,12 @@ import math
 import torch
 import torch.distributed as dist
 
+from megaxatl.train.deepspeed_internals import is_pipe_replicated, set_overflow
 from megaxatl.train.engine import collective_device
 
 
 def _counts(p: torch.Tensor, tp_rank: int) -> bool:
-    if getattr(p, "ds_pipe_replicated", False):
+    if is_pipe_replicated(p):
         return False
     return bool(getattr(p, "tensor_model_parallel", False)) or tp_rank == 0
 
@@ -53,7 +54,7 @@ class StepGuard:
         self._verdict: tuple[bool, float] | None = None  # (skip, clip scale) of this optimizer step
         self._step = optimizer.step
         optimizer.step = self.step  # an instance attribute: DeepSpeed calls optimizer.step()
-        optimizer.overflow = False
+        set_overflow(optimizer, False)
 
     def attach(self, plan, zero_optimizer=None) -> None:
         """Count by `plan` (gradnorm.NormPlan); with plan.before_zero_step, decide at the start of
@@ -108,7 +109,7 @@ class StepGuard:
         if self.plan is not None:
             self._verdict = verdict
         skip, scale = verdict
-        self.optimizer.overflow = skip
+        set_overflow(self.optimizer, skip)
         if skip:
             return None
         if scale != 1.0:

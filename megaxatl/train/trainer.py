@@ -48,6 +48,7 @@ from megaxatl.config.pattern import STAGE_BREAK
 from megaxatl.train import checkpoint as ckpt
 from megaxatl.train import portable
 from megaxatl.train.data import build_loaders, bytes_per_token
+from megaxatl.train.deepspeed_internals import OptimizerView, set_step_counters
 from megaxatl.train.engine import collective_device, create_engine, init_distributed
 from megaxatl.train.evaluate import evaluate, evaluate_pipeline
 from megaxatl.train.freeze import FreezePolicy, GradGate
@@ -222,7 +223,7 @@ class Trainer:
                                                                      self.tokenizer_dir, source)
         self.bytes_per_token = bytes_per_token(manifest)
         self.engine = create_engine(self.built.module, optimizer, self.scheduler, cfg, self.world, mpu=self.built.mpu)
-        self.opt_view = portable.OptimizerView(self.engine.optimizer, optimizer)
+        self.opt_view = OptimizerView(self.engine.optimizer, optimizer)
         self.guard.attach(plan_norm(self.built.named, self.opt_view, self.layout, self.par.tp_rank, self.par.tp,
                                     self.par.dp), self.engine.optimizer)
         if self.guard.plan is None and self.rank == 0:
@@ -274,8 +275,7 @@ class Trainer:
         why = portable.restore_optimizer(latest / ckpt.OPTIMIZER_DIR, self.built.named, self.opt_view, self.layout,
                                          self.par, why_absent=meta.get("optimizer_state"))
         self.scheduler.last_step = step
-        self.engine.global_steps = step
-        self.engine.global_samples = step * self.engine.train_batch_size()
+        set_step_counters(self.engine, step)
         if why is not None and self.rank == 0:
             log.warning("resuming %s at another layout (%s): the optimizer restarts (fresh AdamW moments) because %s",
                         latest, self.layout_change, why)
