@@ -20,7 +20,7 @@ def test_installed_deepspeed_passes_the_gate():
     assert dsi.check_version() == version("deepspeed")
 
 
-@pytest.mark.parametrize("v", ["0.17.6", "0.20.0", "1.0.0", "0.20.0rc1"])
+@pytest.mark.parametrize("v", ["0.18.9", "0.19.2", "0.20.0", "1.0.0", "0.20.0rc1"])
 def test_other_versions_are_refused_in_one_line(v):
     with pytest.raises(dsi.UnsupportedDeepSpeed) as e:
         dsi.check_version(v)
@@ -29,7 +29,7 @@ def test_other_versions_are_refused_in_one_line(v):
     assert f"deepspeed>={dsi.SUPPORTED[0]},<{dsi.SUPPORTED[1]}" in msg
 
 
-@pytest.mark.parametrize("v", ["0.18.0", "0.19.8", "0.19.9.dev0", "0.19.8+cu128"])
+@pytest.mark.parametrize("v", ["0.19.3", "0.19.8", "0.19.9.dev0", "0.19.8+cu128"])
 def test_versions_inside_the_range_pass(v):
     assert dsi.check_version(v) == v
 
@@ -39,7 +39,7 @@ def test_pyproject_declares_the_gated_range():
 
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     (req,) = [Requirement(d) for d in deps if Requirement(d).name == "deepspeed"]
-    for v in ["0.17.9", "0.18.0", "0.18.9", "0.19.0", "0.19.8", "0.20.0", "0.21.1"]:
+    for v in ["0.18.9", "0.19.2", "0.19.3", "0.19.8", "0.20.0", "0.21.1"]:
         try:
             dsi.check_version(v)
             gated = True

@@ -24,9 +24,11 @@ import torch.distributed as dist
 
 from megaxatl.train.engine import collective_device
 
-# [low, high): the DeepSpeed releases whose internals this module was checked against (the tests
-# run on the version in constraints.txt). pyproject.toml declares the same range.
-SUPPORTED = ("0.18.0", "0.20.0")
+# [low, high): the DeepSpeed releases the trainer's tests passed with (CI runs the version in
+# constraints.txt). 0.18.9 fails multi-rank ZeRO steps on torch 2.13 (an in-place write to a split
+# view inside DeepSpeed); 0.19.0-0.19.2 give a pipeline run with a tied embedding other losses than
+# one process. pyproject.toml declares the same range.
+SUPPORTED = ("0.19.3", "0.20.0")
 
 
 class UnsupportedDeepSpeed(RuntimeError):
