@@ -1,8 +1,22 @@
 """Collectives with autograd over an explicit TP process group (Megatron's mappings, no globals).
 
+megatron-core carries the pieces of its tensor-parallel code that take an explicit process group
+and run on CPU (gloo) as on CUDA (NCCL): the region mappings copy_to / reduce_from and the
+column-parallel matmul with its asynchronous input-gradient all-reduce (column_linear). The rest
+is ours, each for a measured reason (megatron-core 0.16.1, torch 2.13 CPU, 2 gloo ranks):
+megatron's gathers and reduce-scatters (gather_from_tensor_model_parallel_region and the
+sequence-parallel mappings) allocate their output with ``device=torch.cuda.current_device()``, an
+AssertionError on a CPU build, and the sequence-parallel ones split dim 0 ([s, b, h]) where our
+activations are (B, L, D); it has no all-reduce-both-ways mapping.
+
     copy_to(x)        forward identity,    backward all-reduce   (enter a column-parallel region)
+                      [megatron-core]
     reduce_from(x)    forward all-reduce,  backward identity     (leave a row-parallel region into
-                                                                  replicated computation)
+                      [megatron-core]                             replicated computation)
+    column_linear(x, w, b)  x @ w^T + b; backward: the input gradient's all-reduce is launched
+                      [megatron-core]     asynchronously and overlaps the weight-gradient matmul
+                      (enter a region whose input feeds ONE column-parallel linear, in place of
+                      copy_to + a plain matmul)
     all_reduce_both(x) forward all-reduce, backward all-reduce   (a sum read by rank-local
                                                                   computation: Mamba-1's x_proj,
                                                                   group-norm statistics)
@@ -18,12 +32,28 @@
                       parameters used by rank-local heads, and with sequence parallelism the norm
                       weights / row-parallel biases applied to this rank's positions only), so
                       every copy gets the full gradient.
+
+megatron's mappings all-reduce IN PLACE on ``x.contiguous()`` (no clone): fed a non-contiguous
+tensor they would reduce a copy and return the unreduced input, so every call here hands them a
+contiguous one (_Contiguous below for the gradient copy_to receives).
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 import torch.distributed as dist
+
+
+@functools.cache
+def mcore():
+    """megatron.core.tensor_parallel, imported on first use (~4 s, so only a TP run pays it)."""
+    with warnings.catch_warnings():  # it warns about optional Apex / Transformer Engine at import
+        warnings.simplefilter("ignore")
+        from megatron.core import tensor_parallel
+    return tensor_parallel
 
 
 def _all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -34,25 +64,16 @@ def _all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return x
 
 
-class _CopyTo(torch.autograd.Function):
+class _Contiguous(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous (for megatron's in-place reduce)."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
+    def forward(ctx, x):
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, g):
-        return _all_reduce(g, ctx.group), None
-
-
-class _ReduceFrom(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
+        return g.contiguous()
 
 
 class _AllReduceBoth(torch.autograd.Function):
@@ -176,11 +197,32 @@ class _SyncUnitGrads(torch.autograd.Function):
 
 
 def copy_to(x, group):
-    return _CopyTo.apply(x, group)
+    if dist.get_world_size(group) == 1:
+        return x
+    return _Contiguous.apply(mcore().copy_to_tensor_model_parallel_region(x, group=group))
 
 
 def reduce_from(x, group):
-    return _ReduceFrom.apply(x, group)
+    if dist.get_world_size(group) == 1:
+        return x
+    return mcore().reduce_from_tensor_model_parallel_region(x.contiguous(), group=group)
+
+
+def column_linear(x, weight, bias, group):
+    """Column-parallel matmul entering a region (megatron's ColumnParallelLinear core, its
+    allreduce_dgrad path): forward a local matmul, backward the input gradient all-reduced over
+    `group` asynchronously while the weight gradient is computed. A frozen weight takes megatron's
+    frozen-weight variant (same forward and input gradient, no weight gradient)."""
+    if dist.get_world_size(group) == 1:
+        return torch.nn.functional.linear(x, weight, bias)
+    tpl = mcore()
+    if x.device.type == "cpu":  # its CUDA_DEVICE_MAX_CONNECTIONS=1 advice is about CUDA streams
+        tpl.linear_with_grad_accumulation_and_async_allreduce.warned = True
+    if not weight.requires_grad:
+        return tpl.linear_with_frozen_weight(x, weight, bias, False, True, False, group)
+    return tpl.linear_with_grad_accumulation_and_async_allreduce(
+        x, weight, bias, gradient_accumulation_fusion=False, allreduce_dgrad=True,
+        sequence_parallel=False, tp_group=group)
 
 
 def all_reduce_both(x, group):

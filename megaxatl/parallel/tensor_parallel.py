@@ -7,8 +7,12 @@ exactly the TP=1 initialisation), then parallelised in place. Each parameter is 
 modules keep their own forward code with local sizes (heads, d_inner, groups), and only the
 boundaries change, Megatron style:
 
-    mixer / MLP input     copy_to (identity; backward all-reduce), once per mixer / MLP
-    column-parallel       q/k/v/g, in_proj, gate/up, dt_proj: plain local matmuls
+    mixer / MLP input     copy_to (identity; backward all-reduce), once per mixer / MLP; a
+                          mixer whose input feeds one column-parallel linear only (Mamba-1 /
+                          Mamba-2 in_proj) enters through that linear instead: megatron-core's
+                          matmul whose input-gradient all-reduce runs asynchronously, overlapping
+                          the weight-gradient matmul (comm.column_linear)
+    column-parallel       q/k/v/g, gate/up, dt_proj: plain local matmuls
     row-parallel out      o_proj / out_proj / down_proj: local matmul, all-reduce, + bias
     Mamba-1 x_proj        row-parallel; its (dt, B, C) sum feeds rank-local channels, so the
                           all-reduce is also an all-reduce in backward
@@ -56,8 +60,8 @@ from megaxatl.models.mamba2 import Mamba2
 from megaxatl.models.mlp import MLP
 from megaxatl.models.norms import GatedRMSNorm, LayerNorm, RMSNorm
 from megaxatl.models.retention import Retention, retention_log_decay
-from megaxatl.parallel.comm import (all_reduce_both, copy_to, gather_last, gather_seq, reduce_from, reduce_scatter_seq,
-                                    sync_unit_grads)
+from megaxatl.parallel.comm import (all_reduce_both, column_linear, copy_to, gather_last, gather_seq, mcore, reduce_from,
+                                    reduce_scatter_seq, sync_unit_grads)
 from megaxatl.parallel.tp_rules import Replicate, Shard, local_copied_pieces, model_rules, shard_tensor
 
 
@@ -85,6 +89,18 @@ def check_sequence_split(seqlen: int, tp: int) -> None:
 
 
 # ---- TP module classes (swapped in with __class__, as FSDP2's fully_shard does) ---------------
+
+class EntryColumnParallelLinear(nn.Linear):
+    """weight (out / tp, in): the one consumer of its region's input, so it enters the region
+    itself: y = x @ W_local^T + b_local, the input gradient all-reduced asynchronously in backward
+    (the region's pre-hook then passes the input through). With the sequence split, the hook's
+    gather_seq already sums the input gradient (reduce-scatter): a plain local matmul."""
+
+    def forward(self, x):
+        if self.tp_sp.active:
+            return F.linear(x, self.weight, self.bias)
+        return column_linear(x, self.weight, self.bias, self.tp_group)
+
 
 class RowParallelLinear(nn.Linear):
     """weight (out, in / tp): y = all_reduce(x_local @ W_local^T) + b; b replicated. With sequence
@@ -217,30 +233,39 @@ class TensorParallelLM(LM):
 # ---- vocab-parallel cross entropy --------------------------------------------------------------
 
 class _VocabParallelCE(torch.autograd.Function):
+    """megatron-core's vocab-parallel cross entropy (its VocabParallelCrossEntropy steps, the ones
+    its fused and unfused versions share) over OUR group: megatron's own
+    vocab_parallel_cross_entropy reads the group, rank and vocab range from parallel_state's
+    globals (megatron-core 0.16.1: AssertionError 'tensor model parallel group is not
+    initialized' without initialize_model_parallel), and knows nothing of padded vocab rows."""
+
     @staticmethod
     def forward(ctx, logits, target, vocab_start, vocab_size, group):
+        steps = mcore().cross_entropy.VocabParallelCrossEntropy
         n, vl = logits.shape
         cols = torch.arange(vocab_start, vocab_start + vl, device=logits.device)
         logits = logits.masked_fill(cols >= vocab_size, float("-inf"))  # padded rows never predicted
-        mx = logits.max(-1).values
+        logits, mx = steps.calculate_logits_max(logits)  # a fresh tensor: the steps work in place
         dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - mx[:, None]
-        mine = (target >= vocab_start) & (target < vocab_start + vl)
-        local_t = (target - vocab_start).clamp(0, vl - 1)
-        picked = torch.where(mine, shifted.gather(1, local_t[:, None]).squeeze(1), torch.zeros_like(mx))
-        exp = shifted.exp()
-        sums = torch.stack((picked, exp.sum(-1)))
+        target_mask, masked_target, picked, sum_exp, exp = steps.calculate_predicted_logits(
+            logits, target, mx, vocab_start, vocab_start + vl)
+        sums = torch.stack((picked, sum_exp))  # one all-reduce for both sums
         dist.all_reduce(sums, group=group)
-        ctx.save_for_backward(exp.div_(sums[1][:, None]), mine, local_t)
-        return sums[1].log() - sums[0]
+        softmax, loss = steps.calculate_cross_entropy_loss(exp, sums[0], sums[1])
+        ctx.save_for_backward(softmax, target_mask, masked_target)
+        ctx.spent = False
+        return loss
 
     @staticmethod
     def backward(ctx, g):
-        softmax, mine, local_t = ctx.saved_tensors
-        grad = softmax.clone()
-        rows = torch.arange(grad.shape[0], device=grad.device)
-        grad[rows, local_t] -= mine.to(grad.dtype)
-        return grad * g[:, None], None, None, None, None
+        if ctx.spent:  # the steps turn the saved softmax into the gradient in place
+            raise RuntimeError("vocab-parallel cross entropy: a second backward through the same graph is not "
+                               "supported (retain_graph); recompute the loss")
+        ctx.spent = True
+        softmax, target_mask, masked_target = ctx.saved_tensors
+        steps = mcore().cross_entropy.VocabParallelCrossEntropy
+        grad_2d, rows, update, grad = steps.prepare_gradient_calculation_operands(softmax, target_mask)
+        return steps.calculate_gradients(grad_2d, rows, masked_target, update, grad, g), None, None, None, None
 
 
 def vocab_parallel_cross_entropy(local_logits, target, vocab_start: int, vocab_size: int, group,
@@ -266,12 +291,20 @@ def _local_units(count: int, tp: int) -> int:
 
 def _enter(module: nn.Module, args):
     x, group = args[0], module.tp_group
-    return (gather_seq(x, group) if module.tp_sp.active else copy_to(x, group), *args[1:])
+    if module.tp_sp.active:
+        return (gather_seq(x, group), *args[1:])
+    if module.tp_entry_linear:  # its one column-parallel linear all-reduces the input gradient
+        return args
+    return (copy_to(x, group), *args[1:])
 
 
-def _enter_region(module: nn.Module, group, sp: SequenceParallel) -> None:
+def _enter_region(module: nn.Module, group, sp: SequenceParallel, entry_linear: str | None = None) -> None:
+    """entry_linear: the name of the ONE submodule (a column-parallel nn.Linear) that reads the
+    region's input, which then enters the region through megatron-core's async matmul."""
     # the hook reads the module's own attributes, so a deep copy of the model follows its own copy
-    module.__dict__.update(tp_group=group, tp_sp=sp)
+    module.__dict__.update(tp_group=group, tp_sp=sp, tp_entry_linear=entry_linear is not None)
+    if entry_linear is not None:
+        _swap(getattr(module, entry_linear), EntryColumnParallelLinear, tp_group=group, tp_sp=sp)
     module.register_forward_pre_hook(_enter)
 
 
@@ -317,7 +350,7 @@ def apply_tensor_parallel(model: LM, tp_group, sequence_parallel: bool = False) 
             m.d_inner = _split(name, m.d_inner, tp, "inner channels")
             _swap(m.x_proj, ReducedRowLinear, tp_group=g)
             _swap(m.out_proj, RowParallelLinear, tp_group=g, tp_sp=sp)
-            _enter_region(m, g, sp)
+            _enter_region(m, g, sp, entry_linear="in_proj")  # forward / _step read hidden by in_proj only
         elif isinstance(m, Mamba2):
             n_groups = m.n_groups
             m.n_heads = _split(name, m.n_heads, tp, "heads")
@@ -327,7 +360,7 @@ def apply_tensor_parallel(model: LM, tp_group, sequence_parallel: bool = False) 
             if n_groups % tp:  # a group spans ranks: its norm statistics too
                 _swap(m.norm, TPGatedRMSNorm, tp_group=g, tp_n_groups=n_groups, tp_group_idx=rank * n_groups // tp)
             _swap(m.out_proj, RowParallelLinear, tp_group=g, tp_sp=sp)
-            _enter_region(m, g, sp)
+            _enter_region(m, g, sp, entry_linear="in_proj")  # forward / _step read hidden by in_proj only
         elif isinstance(m, MLP):
             _swap(m.down_proj, RowParallelLinear, tp_group=g, tp_sp=sp)
             _enter_region(m, g, sp)
