@@ -18,6 +18,7 @@ from megaxatl.data.loader import ShardDataset
 from megaxatl.data.stream import build_stream_loader, shard_url
 
 SEQ = 8
+MODEL = {"vocab_size": 512, "d_model": 16, "n_layers": 1, "n_heads": 2, "d_mlp": 32, "pattern": "*", "max_seq_len": 64}
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +148,26 @@ def test_bad_streams_are_named(dataset, tmp_path):
         build_stream_loader(f"pipe:cat {tmp_path}/nowhere/{{name}}", "train", 2, SEQ)
     with pytest.raises(DataError, match="{name}"):
         shard_url("pipe:cat /x/ds", "train-000000.tar")
+
+
+def test_stream_state_is_refused_by_the_random_access_loader(dataset):
+    st = build_stream_loader(dataset, "train", 2, SEQ, seed=5)
+    _take(st, 2)
+    with pytest.raises(DataError, match="stream"):
+        build_loader(dataset, "train", 2, SEQ, seed=5, state=st.state_dict())
+
+
+def test_the_trainer_streams_when_the_config_says_so(dataset):
+    from megaxatl.config import ConfigError, config_from_dict
+    from megaxatl.data.stream import StreamLoader
+    from megaxatl.train.data import build_loaders
+
+    data = {"train_shards": f"pipe:cat {dataset}/{{name}}", "seq_len": SEQ, "micro_batch_size": 2}
+    with pytest.raises(ConfigError, match="data.access: stream"):
+        config_from_dict({"model": MODEL, "data": data})
+    cfg = config_from_dict({"model": MODEL, "data": {**data, "access": "stream"}})
+    train, val, manifest = build_loaders(cfg, 0, 1, None)
+    assert isinstance(train, StreamLoader) and isinstance(val, StreamLoader)
+    assert manifest["splits"]["train"]["num_samples"] == train.dataset.num_samples
+    ref = build_stream_loader(dataset, "train", 2, SEQ, seed=cfg.data.seed)
+    _same(_take(train, 3), _take(ref, 3))

@@ -323,9 +323,15 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    # Folder of webdataset shards with manifest.json (megaxatl prepare-data); or null.
+    # Folder of webdataset shards with manifest.json (megaxatl prepare-data); or null. With
+    # access "stream" also any URL webdataset opens: an http(s) prefix, or a URL with {name} where
+    # the file name goes ("pipe:aws s3 cp s3://bucket/ds/{name} -"); see megaxatl/data/stream.py.
     train_shards: Optional[str] = None
     val_shards: Optional[str] = None
+    # "random": local files, one pread per sample, a permutation over all samples per epoch.
+    # "stream": shards read as sequential tar streams (object stores), shards permuted per epoch
+    # and samples within each shard; both deterministic, DP-sharded, resumable; a run keeps one.
+    access: Literal["random", "stream"] = "random"
     seq_len: int = 512
     micro_batch_size: int = 4
     num_workers: int = 0
@@ -336,6 +342,12 @@ class DataConfig:
         out += at_least(self, ("seq_len", "micro_batch_size"))
         if self.num_workers < 0:
             out.append(("num_workers", "must be >= 0"))
+        if self.access not in ("random", "stream"):
+            out.append(("access", f"must be 'random' or 'stream', got {self.access!r}"))
+        for key in ("train_shards", "val_shards"):
+            where = getattr(self, key)
+            if self.access == "random" and where and (str(where).startswith("pipe:") or "://" in str(where)):
+                out.append((key, f"{where} is a URL: random access reads local files; set data.access: stream"))
         return out
 
 

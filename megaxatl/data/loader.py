@@ -402,6 +402,9 @@ class ShardLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at `state["consumed_samples"]`; the next ``iter()`` starts exactly there."""
+        if state.get("order", "random-access") != "random-access":  # stream.py's state: another order
+            raise DataError(f"{self.dataset.shard_dir}: loader state is for the {state['order']!r} order (streamed), "
+                            "this loader reads in random-access order (a run keeps one data.access)")
         for key, mine in (("split", self.split), ("seed", self.seed),
                           ("fingerprint", self.dataset.fingerprint),
                           ("num_samples", self.dataset.num_samples)):

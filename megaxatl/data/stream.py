@@ -183,6 +183,10 @@ class StreamLoader:
         return self.micro_batch_size * self.dp_world
 
     @property
+    def dataset(self) -> StreamShards:  # ShardLoader's name for it (seq_len, num_samples, ...)
+        return self.shards
+
+    @property
     def epoch(self) -> int:
         return self.consumed_samples // max(1, self.shards.num_samples)
 

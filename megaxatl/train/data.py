@@ -26,6 +26,9 @@ def build_loaders(cfg: Config, dp_rank: int, dp_world: int, tokenizer_dir: str |
     from megaxatl.data import build_loader, read_manifest
 
     d = cfg.data
+    if d.access == "stream":
+        from megaxatl.data.stream import build_stream_loader as build_loader  # noqa: F811 - same interface
+        from megaxatl.data.stream import read_stream_manifest as read_manifest  # noqa: F811
     if not d.train_shards:
         raise ConfigError(source, "data.train_shards", "training needs a shard folder (megaxatl prepare-data)")
     manifest = read_manifest(d.train_shards)
@@ -37,12 +40,13 @@ def build_loaders(cfg: Config, dp_rank: int, dp_world: int, tokenizer_dir: str |
     tok_id = expected_tokenizer_id(tokenizer_dir)
     common = dict(micro_batch_size=d.micro_batch_size, seq_len=d.seq_len, dp_rank=dp_rank, dp_world=dp_world,
                   seed=d.seed, expected_tokenizer_id=tok_id)
-    train = build_loader(d.train_shards, "train", num_workers=d.num_workers, **common)
+    workers = {} if d.access == "stream" else {"num_workers": d.num_workers}  # streaming: a prefetch thread
+    train = build_loader(d.train_shards, "train", **workers, **common)
     val_dir = d.val_shards or d.train_shards
     val_manifest = read_manifest(val_dir)
     val = None
     if val_manifest["splits"].get("val", {}).get("num_samples", 0) > 0:
-        val = build_loader(val_dir, "val", num_workers=0, **common)
+        val = build_loader(val_dir, "val", **({} if d.access == "stream" else {"num_workers": 0}), **common)
     return train, val, manifest
 
 
