@@ -3,6 +3,8 @@
     prepare_data(inputs, out_dir, tokenizer | train_spm=V, seq_len, ...) -> manifest  (prepare.py)
     build_loader(shard_dir, split, micro_batch_size, seq_len, dp_rank, dp_world, seed, ...)
         -> ShardLoader yielding {"input_ids", "labels", "num_bytes"}               (loader.py)
+    build_stream_loader(location URL, split, ...) -> StreamLoader, the same interface, streamed
+        through webdataset from local paths, pipe: commands, http(s)                (stream.py)
     tokenizer_id(<HF tokenizer dir | .model | loaded tokenizer>) -> "sha256:..."    (tokenizer.py)
 
 The shard format is described in format.py. Exports are lazy so that tokenization worker
@@ -18,6 +20,7 @@ _EXPORTS = {
     "prepare_data": "prepare",
     "build_loader": "loader", "ShardDataset": "loader", "ShardLoader": "loader",
     "verify_shards": "loader", "IndexPermutation": "loader",
+    "build_stream_loader": "stream", "StreamLoader": "stream",
     "tokenizer_id": "tokenizer", "load_tokenizer": "tokenizer",
 }
 
