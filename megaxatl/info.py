@@ -71,13 +71,14 @@ def run_info(args) -> int:
     import torch
 
     print(f"megaxatl {_version('megaxatl')}  python {platform.python_version()}  torch {torch.__version__}")
-    for dist in ("deepspeed", "megatron-core", "transformers", "triton", "mamba-ssm", "causal-conv1d", "lm-eval"):
+    for dist in ("deepspeed", "megatron-core", "webdataset", "transformers", "triton", "mamba-ssm", "causal-conv1d", "lm-eval"):
         print(f"  {dist:<14} {_version(dist)}")
     print("usable:")
     cuda = torch.cuda.is_available()
     print(f"  CUDA           {'yes (' + torch.cuda.get_device_name(0) + ')' if cuda else 'no'}")
     print(f"  DeepSpeed      {_usable('deepspeed', _deepspeed_probe)}")
-    print(f"  megatron-core  {_usable('megatron.core.parallel_state', lambda m: '')}")
+    print(f"  megatron-core  {_usable('megatron.core.tensor_parallel', lambda m: '')} (TP collectives)")
+    print(f"  webdataset     {_usable('webdataset', lambda m: '')} (data.access: stream)")
     from megaxatl.kernels.dispatch import describe_backends
 
     print("kernel backends (chosen on CPU / on CUDA; available):")
