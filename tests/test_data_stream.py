@@ -171,3 +171,28 @@ def test_the_trainer_streams_when_the_config_says_so(dataset):
     assert manifest["splits"]["train"]["num_samples"] == train.dataset.num_samples
     ref = build_stream_loader(dataset, "train", 2, SEQ, seed=cfg.data.seed)
     _same(_take(train, 3), _take(ref, 3))
+
+
+def test_http_streams_the_local_batches(dataset):
+    """An http(s) prefix: webdataset fetches each shard with curl, from a local HTTP server here."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    if shutil.which("curl") is None:
+        pytest.fail("curl (webdataset's http(s) reader) is not installed")
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(dataset))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        _same(_take(build_stream_loader(url, "train", 4, SEQ, seed=2), 30),
+              _take(build_stream_loader(dataset, "train", 4, SEQ, seed=2), 30))
+    finally:
+        server.shutdown()
+        server.server_close()
