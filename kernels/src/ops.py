@@ -1,5 +1,5 @@
-"""The public kernel ops: each call picks its backend with dispatch.backend_for (env overrides,
-then the first available for the tensor's device) and forwards every argument unchanged.
+"""The public kernel ops: each call picks its backend with dispatch (the requested backend, see
+policy.py, else the first available for the tensor's device) and forwards every argument unchanged.
 
 Shapes follow mamba-ssm; see each backend's naive.py for the exact reference semantics.
 """
@@ -16,6 +16,16 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Returns y (Bt, d, L) in u's dtype [, last_state (Bt, d, N) fp32]."""
     return get_impl("selective_scan", u)(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
                                          return_last_state)
+
+
+def mamba_inner(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, out_proj_bias,
+                A, D, delta_bias):
+    """A Mamba-1 mixer after in_proj: conv, x_proj, dt_proj, scan (softplus dt, D skip, silu(z)
+    gate), out_proj. xz: (Bt, 2d, L) [x; z]; conv_weight (d, k); x_proj_weight (R + 2N, d);
+    dt_proj_weight (d, R); out_proj_weight (Dm, d); A (d, N), D, delta_bias (d,) fp32.
+    Returns (Bt, L, Dm). See selective/inner.py."""
+    return get_impl("mamba_inner", xz)(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight,
+                                       out_proj_bias, A, D, delta_bias)
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):

@@ -1,10 +1,21 @@
 """Mamba-2 ops through mamba-ssm's Triton kernels (the `cuda` backend).
 
-# GPU path: not exercised on CPU CI. Dispatch only routes CUDA tensors here, and only when
-# `mamba_ssm` imports.
+# GPU path: the kernels run only on a GPU. mamba_chunk_scan_combined asserts shapes only (and makes
+# x, z, B, C contiguous itself where needed); `prepare_ssd_scan` repeats those asserts, so the CPU
+# contract tests cover Mamba-2's scan call beside its conv call.
 """
 
 from __future__ import annotations
+
+from .common import check_ssd_args
+
+
+def prepare_ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=True,
+                     initial_states=None, return_final_states=False, device_checks: bool = True):
+    """The shape asserts of mamba-ssm's _mamba_chunk_scan_combined_fwd (ours are the same set, with
+    the argument named). -> the fp32 A / D / dt_bias it is handed."""
+    check_ssd_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states)
+    return A.float(), None if D is None else D.float(), None if dt_bias is None else dt_bias.float()
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=True,
@@ -12,8 +23,8 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softpl
     """Same contract as naive.ssd_scan, on CUDA tensors (note mamba-ssm's dt_softplus default is False)."""
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
-    out = mamba_chunk_scan_combined(x, dt, A.float(), B, C, chunk_size, D=None if D is None else D.float(), z=z,
-                                    dt_bias=None if dt_bias is None else dt_bias.float(),
+    A, D, dt_bias = prepare_ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_states)
+    out = mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
                                     initial_states=initial_states, dt_softplus=dt_softplus,
                                     return_final_states=return_final_states)
     if return_final_states:
