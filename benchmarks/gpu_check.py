@@ -282,6 +282,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.smoke:
         print("gpu_check: no CUDA device (use --smoke with TRITON_INTERPRET=1 to run the script on CPU)", file=sys.stderr)
+        Results(args.results).add(section=args.group, case="(section)", status="FAIL", note="no CUDA device")
         return 2
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
     print(f"gpu_check --group {args.group} on {name}, torch {torch.__version__}, "

@@ -69,11 +69,11 @@ def main(argv=None) -> int:
         _row(args.results, case=case, backend="-", dtype="bf16", status="NOT CHECKED",
              note=f"DeepSpeed does not import: {type(e).__name__}: {str(e)[:160]}")
         return 0
-    overrides = [f"data.train_shards={args.data}", f"data.seq_len={args.seq_len}",
+    overrides = [f"data.train_shards={args.data}", f"data.val_shards={args.data}", f"data.seq_len={args.seq_len}",
                  f"data.micro_batch_size={args.micro_batch}", f"train.steps={args.steps}", "train.dtype=bf16",
                  f"train.out_dir={args.out}", "train.warmup_steps=5", f"train.eval_interval={10 * args.steps}",
                  "train.eval_steps=1", f"train.save_interval={10 * args.steps}", "train.save_deepspeed_state=false",
-                 "logging.log_interval=5", "logging.progress=false",
+                 "logging.log_interval=5", "logging.progress=false", "logging.wandb_mode=disabled",
                  "transfer.donor=null"] + args.overrides
     try:
         cfg = load_with_overrides(ROOT / args.config, overrides)
