@@ -179,13 +179,21 @@ def check_stride(res: Results, device, smoke: bool) -> None:
                     status="NOT CHECKED", note=why)
             continue
         try:
-            zx = torch.randn(2, L, width, dtype=torch.bfloat16, device=device)
-            x = zx[..., start:start + dim].transpose(1, 2)  # (B, dim, L) view, stride(2) == width
+            zx0 = torch.randn(2, L, width, dtype=torch.bfloat16, device=device)
             w = torch.randn(dim, 4, device=device) / 2
             b = torch.randn(dim, device=device)
-            got = dispatch.load("causal_conv1d", "cuda")(x, w, b, activation="silu")
-            ref = dispatch.load("causal_conv1d", "naive")(x.float(), w, b, activation="silu")
-            max_abs, rel, _ = compare({"y": got}, {"y": ref})
+            gy = torch.randn(2, dim, L, device=device)
+
+            def run(backend, dtype):  # forward and backward through the (B, dim, L) view, stride(2) == width
+                zx = zx0.detach().to(dtype).clone().requires_grad_()
+                x = zx[..., start:start + dim].transpose(1, 2)
+                y = dispatch.load("causal_conv1d", backend)(x, w, b, activation="silu")
+                (y.float() * gy).sum().backward()
+                return {"y": y.detach(), "dzx": zx.grad}, x
+
+            got, x = run("cuda", torch.bfloat16)
+            ref, _ = run("naive", torch.float32)
+            max_abs, rel, _ = compare(got, ref)
             res.add(section="stride", case=f"conv channel-last {name}", backend="cuda", dtype="bf16", max_abs=max_abs,
                     rel_rms=rel, tol=TOL[torch.bfloat16], status="PASS" if rel <= TOL[torch.bfloat16] else "FAIL",
                     note=f"x strides {x.stride()}")
@@ -288,13 +296,17 @@ def main(argv=None) -> int:
     print(f"gpu_check --group {args.group} on {name}, torch {torch.__version__}, "
           f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}", flush=True)
     res = Results(args.results)
-    check_correctness(res, args.group, device, args.smoke)
+    repeats = 1 if args.smoke else args.repeats
     if args.group == "cuda":
+        # the compiled kernels first: mamba-ssm's and fla's Triton kernels autotune on first use
+        # (tens of seconds), and a section timeout must not cost the stride and inner cases
         check_stride(res, device, args.smoke)
         check_inner(res, device, args.smoke)
-        check_bandwidth(res, ["cuda"], device, args.smoke, 1 if args.smoke else args.repeats)
+        check_bandwidth(res, ["cuda"], device, args.smoke, repeats)
+        check_correctness(res, args.group, device, args.smoke)
     else:
-        check_bandwidth(res, ["triton", "torch"], device, args.smoke, 1 if args.smoke else args.repeats)
+        check_correctness(res, args.group, device, args.smoke)
+        check_bandwidth(res, ["triton", "torch"], device, args.smoke, repeats)
     return 1 if any(r["status"] == "FAIL" for r in res.rows) else 0
 
 
