@@ -32,6 +32,7 @@ mkdir -p "$OUT"
 RES="$OUT/results.jsonl"
 : > "$RES"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+TEE_PID=$!
 T0=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET:-460}  # seconds for everything; sections shrink to what is left
 SCRATCH=$(mktemp -d)
@@ -162,4 +163,6 @@ fi
 "$PY" benchmarks/gpu_summary.py "$RES" | tee "$OUT/summary.txt"
 rc=${PIPESTATUS[0]}
 echo "gpu_check: $(($(date +%s) - T0)) s; results in $OUT"
+exec > /dev/null 2>&1  # let tee write the log's last lines before the folder is collected
+wait "$TEE_PID" 2>/dev/null
 exit "$rc"
