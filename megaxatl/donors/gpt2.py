@@ -92,6 +92,6 @@ def spec_from_config(cfg: dict, where: str, dtype: str) -> DonorSpec:
 
 def hf_config(m, model_type: str) -> dict:
     return {"vocab_size": m.vocab_size, "n_embd": m.d_model, "n_layer": m.n_layers, "n_head": m.n_heads,
-            "n_inner": m.d_mlp, "n_positions": m.max_seq_len, "activation_function": NEOX_ACT.get(m.mlp, m.mlp),
+            "n_inner": m.d_mlp, "n_positions": m.max_seq_len, "activation_function": NEOX_ACT.get(m.mlp, "gelu"),
             "layer_norm_epsilon": m.norm_eps, "tie_word_embeddings": m.tie_embeddings,
             "initializer_range": m.init_std}

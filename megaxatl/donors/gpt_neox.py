@@ -90,6 +90,6 @@ def hf_config(m, model_type: str) -> dict:
     out = hf_common(m)
     for k in ("num_key_value_heads", "head_dim"):  # always H heads of hidden_size / H
         del out[k]
-    return out | {"hidden_act": NEOX_ACT.get(m.mlp, m.mlp), "layer_norm_eps": m.norm_eps,
+    return out | {"hidden_act": NEOX_ACT.get(m.mlp, "gelu"), "layer_norm_eps": m.norm_eps,
                   "use_parallel_residual": m.parallel_residual, "attention_bias": m.qkv_bias,
                   "rope_parameters": hf_rope(m, partial=True)}
