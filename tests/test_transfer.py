@@ -182,6 +182,13 @@ def test_rope_scalings_reproduce_the_donor(tmp_path, name):
     assert cfg.model.rope_scaling.type == name
     model, _ = from_donor(path, cfg)
     assert max_logit_diff(model, hf, length=40) < 1e-4
+    # a hybrid keeps the scaling for its attention layer, whose rotary tables are the all-attention ones
+    hybrid, _ = from_donor(path, cfg_for(path, "M*M", mamba={"d_state": 8, "expand": 1.0}))
+    assert hybrid.cfg.rope_scaling == cfg.model.rope_scaling
+    a, b = hybrid.layers[1].mixer, model.layers[1].mixer
+    assert torch.equal(a.q_proj.weight, b.q_proj.weight)
+    assert torch.equal(a.rotary.inv_freq, b.rotary.inv_freq) and a.rotary.attention_factor == b.rotary.attention_factor
+    assert torch.isfinite(hybrid(torch.randint(0, hf.config.vocab_size, (1, 40)))).all()
 
 
 def test_legacy_rope_scaling_wins_over_rope_parameters(tmp_path):
@@ -236,7 +243,7 @@ def test_llama3_gguf_rope_freqs_is_read_not_dropped(tmp_path):
 
 
 @pytest.mark.parametrize("family,pattern", [("gemma3_text", "MW*M"), ("olmo2", "*M"), ("phi3", "WM"),
-                                            ("gemma2", "M*W")])
+                                            ("gemma2", "M*W"), ("qwen3", "*MW"), ("gemma", "M*"), ("stablelm", "*M")])
 def test_hybrids_of_the_newer_families(tmp_path, family, pattern):
     """Kept attention layers get the donor layer's weights and q/k norms; every norm of every
     block is copied (post / sandwich placements); the model runs."""
