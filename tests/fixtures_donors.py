@@ -20,12 +20,15 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("gpt_neox", "llama", "qwen2", "mistral", "gpt2")
+FAMILIES = ("gpt_neox", "llama", "qwen2", "mistral", "gpt2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+            "olmo2", "stablelm")
+# the smallest sliding window of the tiny donors: parity sequences are longer than every window
+MAX_WINDOW = 7
 
 
 def tiny_config(family: str, **overrides):
     """The transformers config of the tiny donor of `family`; `overrides` are config kwargs."""
-    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import CONFIG_MAPPING, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     if family == "gpt_neox":
         # Pythia-like: parallel residual, rotary on 25% of head dims, untied, exact GELU, biases.
@@ -64,10 +67,62 @@ def tiny_config(family: str, **overrides):
                   activation_function="gelu_new", tie_word_embeddings=True, layer_norm_epsilon=1e-5,
                   bos_token_id=5, eos_token_id=5)
         cls = GPT2Config
+    elif family in NEWER:
+        kw, cls = dict(NEWER[family]), CONFIG_MAPPING[family]
     else:
         raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
     kw.update(overrides)
     return cls(**kw)
+
+
+# the newer families, each with its distinguishing features switched on and small enough to matter
+_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+NEWER = {
+    # per-head q/k RMSNorm; layers >= max_window_layers slide
+    "qwen3": dict(vocab_size=219, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, intermediate_size=96, max_position_embeddings=128, rms_norm_eps=1e-6,
+                  tie_word_embeddings=False, use_sliding_window=True, sliding_window=6, max_window_layers=1,
+                  rope_parameters=dict(_ROPE, rope_theta=1e6), bos_token_id=1, eos_token_id=2),
+    # (1 + w) norms, sqrt(d) embedding scale, GeGLU, MQA
+    "gemma": dict(vocab_size=241, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                  head_dim=16, intermediate_size=128, max_position_embeddings=128, rope_parameters=_ROPE,
+                  pad_token_id=0, bos_token_id=2, eos_token_id=1),
+    # sandwich norms, soft-capping (small caps, so they bite), alternating window, scale != hd**-0.5
+    "gemma2": dict(vocab_size=251, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=32, intermediate_size=96, max_position_embeddings=128, sliding_window=5,
+                   query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                   rope_parameters=_ROPE, pad_token_id=0, bos_token_id=2, eos_token_id=1),
+    # q/k norm, local layers with their own base, linear RoPE scaling on the global ones only
+    "gemma3_text": dict(vocab_size=263, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, intermediate_size=96, max_position_embeddings=128,
+                        sliding_window=6, query_pre_attn_scalar=16,
+                        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+                        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                         "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                            "rope_theta": 1e6}},
+                        pad_token_id=0, bos_token_id=2, eos_token_id=1),
+    # fused qkv_proj and gate_up_proj, partial rotary, a window on every layer
+    "phi3": dict(vocab_size=227, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=96, max_position_embeddings=128, original_max_position_embeddings=128,
+                 sliding_window=MAX_WINDOW, rope_parameters=dict(_ROPE, partial_rotary_factor=0.5),
+                 tie_word_embeddings=False, pad_token_id=None, bos_token_id=1, eos_token_id=2),
+    # post-sublayer norms, q/k norm over the whole projection
+    "olmo2": dict(vocab_size=239, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=96, max_position_embeddings=128, rope_parameters=_ROPE, tie_word_embeddings=False,
+                  pad_token_id=None, bos_token_id=1, eos_token_id=2),
+    # LayerNorm, partial rotary, q/k/v biases
+    "stablelm": dict(vocab_size=247, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128, use_qkv_bias=True,
+                     rope_parameters=dict(_ROPE, partial_rotary_factor=0.25), tie_word_embeddings=False,
+                     bos_token_id=1, eos_token_id=2),
+}
+# RoPE scalings on the tiny llama (head_dim 16): short original contexts, so every ramp is crossed
+ROPE_SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    "llama3": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16, "rope_theta": 10000.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0},
+}
 
 
 def build_tiny_model(family: str, seed: int = 0, **overrides):
@@ -154,12 +209,39 @@ def _llama_cpp_permute(w, n_head: int):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def make_tiny_gguf(path: Path | str, *, seed: int = 0, extra_metadata: dict | None = None, **overrides):
+def llama_cpp_rope_freqs(cfg) -> torch.Tensor:
+    """llama.cpp's convert_hf_to_gguf `rope_freqs` of a llama3-scaled config: one divisor per
+    rotary pair (1 for high frequencies, `factor` for low ones, the smooth ramp between)."""
+    import math
+
+    rp = cfg.rope_parameters
+    dim = cfg.head_dim
+    freqs = 1.0 / (rp["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, low, high, old = rp["factor"], rp["low_freq_factor"], rp["high_freq_factor"], \
+        rp["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old / low, old / high
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def make_tiny_gguf(path: Path | str, *, seed: int = 0, extra_metadata: dict | None = None,
+                   extra_tensors: dict | None = None, **overrides):
     """A tiny random Llama donor written as an F32 GGUF file the way llama.cpp's converter writes
-    one (Q/K rows permuted, GGUF tensor names, metadata), plus the HF model it was made from.
+    one (Q/K rows permuted, GGUF tensor names, metadata; a llama3 RoPE scaling as the
+    `rope_freqs.weight` tensor), plus the HF model it was made from.
 
     `extra_metadata`: more GGUF key/values (str or float), e.g. {"llama.rope.scaling.type": "yarn"}.
-    Returns (hf_model, gguf_path). Needs the `gguf` package.
+    `extra_tensors`: more GGUF tensors (name -> float32 tensor). Returns (hf_model, gguf_path).
+    Needs the `gguf` package.
     """
     import gguf
 
@@ -205,6 +287,11 @@ def make_tiny_gguf(path: Path | str, *, seed: int = 0, extra_metadata: dict | No
         elif g.endswith("attn_k.weight"):
             w = _llama_cpp_permute(w, KV)
         writer.add_tensor(g, w.copy())
+    extra = dict(extra_tensors or {})
+    if cfg.rope_parameters.get("rope_type") == "llama3":
+        extra["rope_freqs.weight"] = llama_cpp_rope_freqs(cfg)
+    for name, t in extra.items():
+        writer.add_tensor(name, t.numpy().copy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

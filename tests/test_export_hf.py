@@ -199,7 +199,7 @@ def test_remote_padding_gives_each_row_its_unpadded_result(tmp_path, tokenizer_d
 
 def test_forced_stock_arch_must_fit_and_remote_works_for_attention(tmp_path, tokenizer_dir):
     src = make_model(tmp_path / "model", "**", tokenizer_dir, n_kv_heads=2)
-    with pytest.raises(ExportError, match="GPTNeoXForCausalLM does not reproduce this model exactly: norm is not"):
+    with pytest.raises(ExportError, match="GPTNeoXForCausalLM does not reproduce this model exactly: norm .rmsnorm. \(as GPTNeoXForCausalLM: .layernorm.\)"):
         export_hf(src, tmp_path / "neox", arch="gpt_neox")
     assert not (tmp_path / "neox").exists()
     out = tmp_path / "remote"
@@ -314,3 +314,86 @@ def test_cli_arch_choices_match_the_table():
     from megaxatl.export.hf import ARCH_NAMES
 
     assert ARCH_CHOICES == ("auto",) + ARCH_NAMES
+
+
+# ---- the donor families: an all-attention transfer exports to the family's own class ------------
+
+def transferred(tmp_path: Path, family: str, pattern: str | None = None, **over):
+    """(donor HF module, model folder of its all-attention transfer, or of `pattern`)."""
+    from fixtures_donors import make_tiny_donor
+
+    from megaxatl.donors import open_donor
+    from megaxatl.transfer import from_donor, model_dict_from_donor, write_transfer
+
+    hf, path = make_tiny_donor(family, tmp_path / "donor", **over)
+    spec = open_donor(path).spec
+    cfg = config_from_dict({"model": model_dict_from_donor(spec, pattern or "*" * spec.n_layers, pad_vocab_multiple=64,
+                                                           mamba={"d_state": 8, "expand": 2.0})})
+    model, report = from_donor(path, cfg)
+    return hf, write_transfer(tmp_path / "model", model, cfg, report)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "stablelm",
+                                    "gpt2"])
+def test_donor_family_exports_to_its_stock_class_and_back(family, tmp_path):
+    from fixtures_donors import MAX_WINDOW
+
+    over = {"sliding_window": 5} if family == "mistral" else {}
+    hf, src = transferred(tmp_path, family, **over)
+    arch = export_hf(src, tmp_path / "hf")
+    assert arch.hf_class == type(hf).__name__ and not arch.remote
+    ids = torch.randint(0, hf.config.vocab_size, (2, 3 * MAX_WINDOW + 2), generator=torch.Generator().manual_seed(1))
+    theirs, _ = hf_logits(tmp_path / "hf", ids, remote=False)
+    with torch.no_grad():
+        donor = hf(ids).logits
+    assert (theirs - donor).abs().max().item() < TOL
+    assert (our_logits(src, ids) - donor).abs().max().item() < TOL
+    assert import_hf(tmp_path / "hf", tmp_path / "back") == arch.hf_class
+    assert_same_folder(src, tmp_path / "back")
+
+
+@pytest.mark.parametrize("name", ["llama3", "yarn"])
+def test_rope_scaled_llama_exports_as_llama(name, tmp_path):
+    from fixtures_donors import ROPE_SCALINGS
+
+    hf, src = transferred(tmp_path, "llama", rope_parameters=ROPE_SCALINGS[name])
+    assert export_hf(src, tmp_path / "hf").hf_class == "LlamaForCausalLM"
+    ids = torch.randint(0, hf.config.vocab_size, (1, 40))
+    theirs, _ = hf_logits(tmp_path / "hf", ids, remote=False)
+    with torch.no_grad():
+        assert (theirs - hf(ids).logits).abs().max().item() < TOL
+    import_hf(tmp_path / "hf", tmp_path / "back")
+    assert_same_folder(src, tmp_path / "back")
+
+
+def test_what_no_stock_class_has_goes_to_remote_code_exactly(tmp_path, tokenizer_dir):
+    """Every donor-family option at once (test_models.FAMILY_OPTIONS) in a hybrid with a window
+    layer: the stock classes name what they lack, the shipped code gives our logits, decodes with
+    a window-bounded cache and greedy-generates our tokens; import gives the same bits."""
+    from test_models import FAMILY_OPTIONS
+
+    from megaxatl.export.hf import fit_table, model_facts
+    from megaxatl.models.generation import generate
+
+    src = make_model(tmp_path / "model", "W*MW", tokenizer_dir, n_kv_heads=2, mlp_bias=False,
+                     mamba={"d_state": 8, "expand": 2.0}, **FAMILY_OPTIONS)
+    cfg = load_model(src)[1].model
+    table = dict(fit_table(cfg, model_facts(cfg)))
+    assert "pattern has 'M' layers" in table["Gemma3ForCausalLM"]
+    assert export_hf(src, tmp_path / "hf").remote
+    ids = torch.randint(0, VOCAB, (2, 23), generator=torch.Generator().manual_seed(2))
+    theirs, hf_model = hf_logits(tmp_path / "hf", ids, remote=True)
+    assert (theirs - our_logits(src, ids)).abs().max().item() < TOL
+    state_cls = type(hf_model).forward.__globals__["MegaxatlState"]
+    state = state_cls(len(hf_model.model.layers))
+    with torch.no_grad():
+        parts = [hf_model(ids[:, a:b], megaxatl_state=state).logits for a, b in ((0, 9), (9, 10), (10, 23))]
+    assert (torch.cat(parts, 1) - theirs).abs().max().item() < 1e-5
+    assert state.layers[0]["k"].shape[2] == FAMILY_OPTIONS["local_attention"]["window"] - 1
+    assert state.layers[1]["k"].shape[2] == 23
+    with torch.no_grad():
+        gen = hf_model.generate(ids[:, :6], max_new_tokens=6, do_sample=False, attention_mask=torch.ones(2, 6))
+    model, _, _ = load_model(src)
+    assert gen[:, 6:].tolist() == generate(model.float(), ids[:, :6].tolist(), 6)
+    import_hf(tmp_path / "hf", tmp_path / "back")
+    assert_same_folder(src, tmp_path / "back")

@@ -141,6 +141,50 @@ def test_step_decode_equals_full_forward(pattern, variant):
         assert (torch.cat([a, b, c], 1) - full[:, :19]).abs().max() < 1e-4
 
 
+# the donor-family options at once: sandwich (1+w) norms, q/k norm, soft-capping, a scale,
+# sliding windows with their own RoPE, scaled RoPE, learned positions, embedding / logit scales
+FAMILY_OPTIONS = dict(norm_placement="sandwich", norm_unit_offset=True, qk_norm="head", attn_softcap=4.0,
+                      attn_scale=0.3, final_softcap=6.0, logit_scale=0.7, embed_scale=3.0, pos_embed=True,
+                      mlp="geglu_tanh", norm="rmsnorm",
+                      rope_scaling={"type": "yarn", "factor": 4.0, "original_max_seq_len": 16},
+                      local_attention={"window": 5, "rope_theta": 500.0, "rope_scaling": {"type": "none"}})
+
+
+@pytest.mark.parametrize("over", [dict(local_attention={"window": 5}), FAMILY_OPTIONS,
+                                  dict(norm_placement="post", qk_norm="full", local_attention={"window": 3})])
+def test_sliding_window_decodes_in_bounded_memory(over):
+    """'W' layers: step decoding and chunked prefill equal the full forward past the window, and
+    their KV cache never holds more than window - 1 positions (full attention keeps them all)."""
+    model = build(tiny_cfg("W*MW", **over)).eval()
+    window = model.cfg.local_attention.window
+    ids = torch.randint(0, 97, (2, 29))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.empty_cache(2)
+        steps = []
+        for t in range(ids.shape[1]):
+            logits, cache = model(ids[:, t: t + 1], cache)
+            steps.append(logits)
+            assert cache[0].length == min(t + 1, window - 1) and cache[1].length == t + 1
+        assert (torch.cat(steps, 1) - full).abs().max() < 1e-4
+        cache = model.empty_cache(2)
+        a, cache = model(ids[:, :11], cache)
+        b, cache = model(ids[:, 11:18], cache)
+        assert cache[3].length == window - 1 and cache.pos == 18
+        assert (torch.cat([a, b], 1) - full[:, :18]).abs().max() < 1e-4
+        # the window matters: the same weights attending everywhere give other logits
+        unwindowed = build(tiny_cfg("**M*", **over)).eval()
+        unwindowed.load_state_dict(model.state_dict())
+        assert (unwindowed(ids) - full).abs().max() > 1e-3
+
+
+def test_learned_positions_end_at_max_seq_len():
+    model = build(tiny_cfg("*", pos_embed=True, max_seq_len=8)).eval()
+    assert model.pos_embed.weight.shape == (8, 32)
+    with pytest.raises(ValueError, match="position 8 is past the learned position embedding's model.max_seq_len 8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
 def test_generate_greedy_matches_recomputed_argmax_and_batches_unequal_prompts():
     model = build(tiny_cfg("M*S")).eval()
     prompts = [[5, 6, 7, 8, 9], [1, 2], [3, 4, 5, 6, 7, 8, 9, 10]]

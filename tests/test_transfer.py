@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from fixtures_donors import FAMILIES, make_tiny_donor
+from fixtures_donors import FAMILIES, MAX_WINDOW, ROPE_SCALINGS, make_tiny_donor, make_tiny_gguf
 from megaxatl.cli import main as cli_main
 from megaxatl.config import config_from_dict
-from megaxatl.donors import open_donor
+from megaxatl.donors import DonorError, open_donor
 from megaxatl.transfer import TransferError, default_layer_map, from_donor, model_dict_from_donor
 
 
@@ -19,23 +19,23 @@ def cfg_for(donor_path, pattern, mode="emb+norm+mlp+oproj", layer_map=None, **mo
     return config_from_dict({"model": model, "transfer": {"mode": mode, "layer_map": layer_map}})
 
 
+def max_logit_diff(model, hf, length: int = 3 * MAX_WINDOW + 2) -> float:
+    """fp32 max abs logit difference on random sequences longer than every tiny donor's window."""
+    ids = torch.randint(0, hf.config.vocab_size, (2, length), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, ref = model.eval()(ids), hf(ids).logits
+    assert ours.shape == ref.shape
+    return (ours - ref).abs().max().item()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_attention_only_transfer_reproduces_donor_logits(tmp_path, family):
     hf, path = make_tiny_donor(family, tmp_path / family)
     n = hf.config.num_hidden_layers
     cfg = cfg_for(path, "*" * n)
     model, report = from_donor(path, cfg)
-    model.eval()
-    if family == "gpt2":
-        # the learned position embedding is the one deliberate drop: compare against GPT-2 without it
-        with torch.no_grad():
-            hf.transformer.wpe.weight.zero_()
-        assert [d["source"] for d in report.dropped if d["source"]] == ["pos_embed.weight"]
-    ids = torch.randint(0, hf.config.vocab_size, (2, 23))
-    with torch.no_grad():
-        ours, ref = model(ids), hf(ids).logits
-    assert ours.shape == ref.shape
-    assert (ours - ref).abs().max() < 1e-4
+    assert not [d for d in report.dropped if d["source"]]  # GPT-2's wpe too: learned positions are kept
+    assert max_logit_diff(model, hf) < 1e-4
     t = report.totals()
     assert t["total"] == sum(p.numel() for p in model.parameters())
     # only the padded vocabulary rows are fresh
@@ -170,3 +170,103 @@ def test_cli_writes_a_complete_output_and_refuses_to_overwrite(tmp_path, capsys)
     assert cli_main(["transfer", "--donor", str(path), "--config", str(cfg_path), "--out", str(out),
                      "--mode", "emb+norm", "--overwrite"]) == 0
     assert json.loads((out / "report.json").read_text())["mode"] == "emb+norm"
+
+
+# ---- the donor features the newer families add ---------------------------------------------------
+
+@pytest.mark.parametrize("name", list(ROPE_SCALINGS))
+def test_rope_scalings_reproduce_the_donor(tmp_path, name):
+    """llama3 / linear / yarn RoPE, on sequences past their original context (16 / 32 positions)."""
+    hf, path = make_tiny_donor("llama", tmp_path / name, rope_parameters=ROPE_SCALINGS[name])
+    cfg = cfg_for(path, "***")
+    assert cfg.model.rope_scaling.type == name
+    model, _ = from_donor(path, cfg)
+    assert max_logit_diff(model, hf, length=40) < 1e-4
+    # a hybrid keeps the scaling for its attention layer, whose rotary tables are the all-attention ones
+    hybrid, _ = from_donor(path, cfg_for(path, "M*M", mamba={"d_state": 8, "expand": 1.0}))
+    assert hybrid.cfg.rope_scaling == cfg.model.rope_scaling
+    a, b = hybrid.layers[1].mixer, model.layers[1].mixer
+    assert torch.equal(a.q_proj.weight, b.q_proj.weight)
+    assert torch.equal(a.rotary.inv_freq, b.rotary.inv_freq) and a.rotary.attention_factor == b.rotary.attention_factor
+    assert torch.isfinite(hybrid(torch.randint(0, hf.config.vocab_size, (1, 40)))).all()
+
+
+def test_legacy_rope_scaling_wins_over_rope_parameters(tmp_path):
+    """transformers gives a 4.x `rope_scaling` priority over a default `rope_parameters`."""
+    hf, path = make_tiny_donor("llama", tmp_path / "llama", rope_parameters=ROPE_SCALINGS["linear"])
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["rope_scaling"] = cfg.pop("rope_parameters")
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    (path / "config.json").write_text(json.dumps(cfg))
+    assert open_donor(path).spec.rope_scaling == {"type": "linear", "factor": 2.0}
+    model, _ = from_donor(path, cfg_for(path, "***"))
+    assert max_logit_diff(model, hf) < 1e-4  # hf: built with the linear scaling itself
+
+
+def test_mistral_windows_default_and_at_the_context_length(tmp_path):
+    # no sliding_window key: transformers' 4096, on every layer
+    _, path = make_tiny_donor("mistral", tmp_path / "nokey")
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["sliding_window"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    spec = open_donor(path).spec
+    assert (spec.sliding_window, spec.sliding_layers) == (4096, (0, 1))
+    # a window as long as the context is still a window: exact past it
+    hf, path = make_tiny_donor("mistral", tmp_path / "atmax", sliding_window=16, max_position_embeddings=16)
+    model, _ = from_donor(path, cfg_for(path, "**"))
+    assert model.cfg.pattern == "WW" and model.cfg.local_attention.window == 16
+    assert max_logit_diff(model, hf, length=30) < 1e-4
+
+
+def test_training_past_max_seq_len_is_refused(tmp_path):
+    from megaxatl.config import ConfigError
+
+    _, path = make_tiny_donor("mistral", tmp_path / "m", sliding_window=16, max_position_embeddings=16)
+    model = model_dict_from_donor(open_donor(path).spec, "**")
+    with pytest.raises(ConfigError, match=r"data\.seq_len: 32 exceeds model\.max_seq_len 16"):
+        config_from_dict({"model": model, "data": {"train_shards": "x", "seq_len": 32}})
+    config_from_dict({"model": model, "data": {"train_shards": "x", "seq_len": 16}})
+
+
+def test_llama3_gguf_rope_freqs_is_read_not_dropped(tmp_path):
+    """llama.cpp stores llama3 scaling as a rope_freqs tensor, which transformers' GGUF loader
+    skips: every tensor of the file is accounted for, this one becomes the RoPE scaling."""
+    hf, path = make_tiny_gguf(tmp_path / "l3.gguf", rope_parameters=ROPE_SCALINGS["llama3"])
+    donor = open_donor(path)
+    assert donor.spec.rope_scaling["type"] == "factors" and "rope_freqs.weight" in donor.dropped
+    model, report = from_donor(path, cfg_for(path, "***"))
+    assert any(d["donor_key"] == "rope_freqs.weight" for d in report.dropped)
+    assert max_logit_diff(model, hf, length=40) < 1e-4
+    _, bad = make_tiny_gguf(tmp_path / "odd" / "x.gguf", extra_tensors={"blk.0.mystery.weight": torch.zeros(4)})
+    with pytest.raises(DonorError, match=r"x\.gguf: GGUF tensor 'blk\.0\.mystery\.weight' has no counterpart"):
+        open_donor(bad)
+
+
+@pytest.mark.parametrize("family,pattern", [("gemma3_text", "MW*M"), ("olmo2", "*M"), ("phi3", "WM"),
+                                            ("gemma2", "M*W"), ("qwen3", "*MW"), ("gemma", "M*"), ("stablelm", "*M")])
+def test_hybrids_of_the_newer_families(tmp_path, family, pattern):
+    """Kept attention layers get the donor layer's weights and q/k norms; every norm of every
+    block is copied (post / sandwich placements); the model runs."""
+    hf, path = make_tiny_donor(family, tmp_path / family)
+    cfg = cfg_for(path, pattern, mamba={"d_state": 8, "expand": 2.0})
+    model, report = from_donor(path, cfg)
+    donor = open_donor(path)
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        if ".mixer." not in name or any(s in name for s in ("q_proj", "k_proj", "v_proj", "q_norm", "k_norm")):
+            if name in donor:
+                assert torch.equal(p[: donor.shape(name)[0]], donor.get(name)), name
+    entries = {e["target"]: e for e in report.params}
+    norms = [n for n in entries if "norm" in n.split(".")[-2] and "mixer" not in n]
+    assert norms and all(entries[n]["status"] == "COPIED" for n in norms)
+    assert torch.isfinite(model(torch.randint(0, hf.config.vocab_size, (1, 3 * MAX_WINDOW)))).all()
+
+
+def test_a_window_layer_must_stay_a_window(tmp_path):
+    _, path = make_tiny_donor("gemma2", tmp_path / "g2")  # layers: W * W
+    spec = open_donor(path).spec
+    model = model_dict_from_donor(spec, "***")
+    assert model["pattern"] == "W*W"
+    model["pattern"] = "W**"
+    with pytest.raises(TransferError, match=r"target layer 2 is '\*' but donor layer 2 is sliding-window"):
+        from_donor(path, config_from_dict({"model": model}))

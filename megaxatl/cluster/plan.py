@@ -76,10 +76,13 @@ import math
 from dataclasses import dataclass, replace
 
 from megaxatl.cluster.layout import valid_pp, valid_tp
+from megaxatl.config.pattern import ATTENTION_SYMBOLS
+from megaxatl.config.schema import GATED_MLPS
 
 GiB = 1024**3
 BUCKET = int(5e7)  # elements, train/engine.py's reduce_bucket_size and allgather_bucket_size
-REPLICATED = ("norm1.", "norm2.", "norm_f.", "o_proj.bias", "out_proj.bias", "down_proj.bias")
+REPLICATED = ("norm1.", "norm2.", "norm_f.", "o_proj.bias", "out_proj.bias", "down_proj.bias", "q_norm.", "k_norm.",
+              "pos_embed.")
 
 
 @dataclass(frozen=True)
@@ -167,8 +170,8 @@ def layer_activation_bytes(model_cfg, symbol: str, b: int, s: int, a: int, tp: i
     m, h = model_cfg, model_cfg.d_model
     out = 2.0 * s * b * h * a  # the two norm inputs (residual stream)
     if m.mlp != "none":
-        out += (4 if m.mlp == "swiglu" else 2) * s * b * m.d_mlp / tp * a
-    if symbol == "*":
+        out += (4 if m.mlp in GATED_MLPS else 2) * s * b * m.d_mlp / tp * a
+    if symbol in ATTENTION_SYMBOLS:  # a window is a mask over the same scores
         h_kv = m.kv_heads * m.attn_head_dim
         h_q = m.n_heads * m.attn_head_dim
         out += s * b * (h_q + 2 * h_kv) / tp * a + s * b * h_q / tp * a + 4.0 * b * m.n_heads / tp * s
@@ -209,8 +212,9 @@ def decode_state_bytes(model_cfg, a: int, context: int) -> float:
             e = int(m.mamba2.expand * h)
             conv = e + 2 * m.mamba2.n_groups * m.mamba2.d_state
             out += e * m.mamba2.d_state * 4 + conv * (m.mamba2.d_conv - 1) * a
-        elif sym == "*":
-            out += 2 * context * m.kv_heads * m.attn_head_dim * a
+        elif sym in ATTENTION_SYMBOLS:  # a sliding window keeps window - 1 positions
+            kept = context if sym == "*" else min(context, m.local_attention.window - 1)
+            out += 2 * kept * m.kv_heads * m.attn_head_dim * a
         elif sym in ("R", "G"):
             w, _, hd, _ = _linear_attn_dims(m, sym)
             out += w * hd * 4

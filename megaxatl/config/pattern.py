@@ -5,7 +5,8 @@ XATL block (norm, mixer, norm, MLP), because the donor's norms and MLP live in i
 separate MLP symbol. `|` marks a pipeline-stage boundary and is not a layer.
 
     M  Mamba-1 selective SSM           *  softmax attention (kept from the donor in a hybrid)
-    S  Mamba-2 (SSD)                   R  retention (RetNet)          G  gated linear attention
+    S  Mamba-2 (SSD)                   W  sliding-window softmax attention (model.local_attention)
+    R  retention (RetNet)              G  gated linear attention
 
 Example: the paper's 24-layer hybrid with attention at 0-based layers 1 and 11 is
 "M*MMMMMMMMM*MMMMMMMMMMMM".
@@ -19,10 +20,14 @@ MIXERS = {
     "M": "mamba",
     "S": "mamba2",
     "*": "attention",
+    "W": "sliding_attention",
     "R": "retention",
     "G": "gla",
 }
 STAGE_BREAK = "|"
+# the softmax-attention mixers: one module (models/attention.py), the same parameters; 'W' layers
+# see only the last model.local_attention.window positions and use that section's RoPE
+ATTENTION_SYMBOLS = "*W"
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from megaxatl.config.pattern import parse_pattern
+from megaxatl.config.pattern import ATTENTION_SYMBOLS, parse_pattern
 
 Problems = list[tuple[str, str]]
 
@@ -149,6 +149,72 @@ class GLAConfig(_LinearAttnConfig):
         return out
 
 
+# MLP kinds with a gate_proj: down(act(gate(x)) * up(x))
+GATED_MLPS = ("swiglu", "geglu_tanh")
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling, computed exactly as transformers' rope init functions
+    (modeling_rope_utils) compute it (models/rotary.py):
+
+        none     plain RoPE
+        linear   inv_freq / factor
+        llama3   Llama-3.1: low frequencies / factor, high ones kept, a smooth ramp between
+                 (factor, low_freq_factor, high_freq_factor, original_max_seq_len)
+        yarn     YaRN: interpolation blended into extrapolation by a ramp over the rotary dims
+                 (factor, beta_fast, beta_slow, original_max_seq_len, truncate), cos / sin times
+                 attention_factor (null: 0.1 ln(factor) + 1, or from mscale / mscale_all_dim)
+        factors  inv_freq / factors[i] per rotary pair: llama.cpp's rope_freqs tensor (a GGUF
+                 Llama-3.x stores its llama3 scaling this way)
+
+    Dynamic NTK and LongRoPE change the frequencies with the sequence length (and transformers'
+    results with what ran before), so no donor using them is accepted."""
+
+    type: Literal["none", "linear", "llama3", "yarn", "factors"] = "none"
+    factor: float = 1.0
+    # llama3 / yarn: the context length of pretraining before the extension (null: max_seq_len)
+    original_max_seq_len: Optional[int] = None
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: Optional[float] = None
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
+    factors: Optional[list[float]] = None
+
+    def check(self, rot_dim: int) -> Problems:
+        out: Problems = []
+        if self.type == "none":
+            return out
+        if self.factor <= 0:
+            out.append(("factor", f"must be > 0, got {self.factor}"))
+        if self.original_max_seq_len is not None and self.original_max_seq_len < 1:
+            out.append(("original_max_seq_len", "must be >= 1 (or null for max_seq_len)"))
+        if self.type == "llama3" and self.high_freq_factor == self.low_freq_factor:
+            out.append(("high_freq_factor", "must differ from low_freq_factor (the ramp divides by the gap)"))
+        if self.type == "factors" and (self.factors is None or len(self.factors) != rot_dim // 2
+                                       or any(f <= 0 for f in self.factors)):
+            out.append(("factors", f"need {rot_dim // 2} positive factors (one per rotary pair), "
+                                   f"got {None if self.factors is None else len(self.factors)}"))
+        return out
+
+
+@dataclass
+class LocalAttentionConfig:
+    """The sliding-window attention layers ('W' in the pattern): query t sees keys t - window + 1
+    .. t (transformers' sliding_window), in training (a band mask) and in decoding (the KV cache
+    keeps the last window - 1 positions only, so these layers decode in bounded memory)."""
+
+    window: Optional[int] = None
+    # null: the model's rope_theta / rope_scaling (Mistral, Gemma-2); Gemma-3's local layers
+    # have their own base and no scaling
+    rope_theta: Optional[float] = None
+    rope_scaling: Optional[RopeScalingConfig] = None
+
+
 @dataclass
 class ModelConfig:
     """The XATL decoder: each layer is norm -> mixer -> residual, norm -> MLP -> residual."""
@@ -160,13 +226,25 @@ class ModelConfig:
     pattern: str
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
-    # 'gelu' (exact, Pythia), 'gelu_tanh' (GPT-2), 'relu', 'swiglu' (Llama), 'none' (no MLP:
-    # the original Mamba layout).
-    mlp: Literal["gelu", "gelu_tanh", "relu", "swiglu", "none"] = "gelu"
+    # 'gelu' (exact, Pythia), 'gelu_tanh' (GPT-2), 'relu', 'swiglu' (Llama: silu(gate) * up),
+    # 'geglu_tanh' (Gemma: gelu_tanh(gate) * up), 'none' (no MLP: the original Mamba layout).
+    mlp: Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu_tanh", "none"] = "gelu"
     d_mlp: int = 0
     mlp_bias: bool = True
     # GPT-NeoX form: x + mixer(norm1(x)) + mlp(norm2(x)).
     parallel_residual: bool = False
+    # Where the block's norms sit: 'pre' x + f(norm(x)) (norm1, norm2); 'post' x + norm(f(x))
+    # (OLMo-2: post_norm1, post_norm2 only); 'sandwich' x + post_norm(f(norm(x))) (Gemma-2/3: all four).
+    norm_placement: Literal["pre", "post", "sandwich"] = "pre"
+    # RMSNorm scales by (1 + weight) (Gemma's convention: the donor's weights copied as stored, 0 at init).
+    norm_unit_offset: bool = False
+    # Token embeddings times this (Gemma: sqrt(d_model), rounded to the weights' dtype as Gemma does).
+    embed_scale: float = 1.0
+    # A learned absolute position embedding pos_embed (max_seq_len, D) added to the token embedding (GPT-2).
+    pos_embed: bool = False
+    # logits = final_softcap * tanh(logit_scale * head(x) / final_softcap); null cap: no capping (Gemma-2).
+    logit_scale: float = 1.0
+    final_softcap: Optional[float] = None
     tie_embeddings: bool = False
     # Pad the embedding / head rows to a multiple of this (tensor parallelism, kernels).
     pad_vocab_multiple: int = 1
@@ -176,8 +254,18 @@ class ModelConfig:
     head_dim: Optional[int] = None
     rotary_pct: float = 1.0
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     qkv_bias: bool = False
     attn_out_bias: bool = False
+    # 'head': each q / k head normalised over head_dim, one weight (head_dim,) for all heads (Qwen3,
+    # Gemma-3); 'full': the whole q / k projection, weights (H*hd,) / (KV*hd,) (OLMo-2). The kind,
+    # eps and unit offset are the block norms'.
+    qk_norm: Literal["none", "head", "full"] = "none"
+    # softmax scale of q.k; null: head_dim ** -0.5 (Gemma-2/3: query_pre_attn_scalar ** -0.5)
+    attn_scale: Optional[float] = None
+    # attention scores capped as attn_softcap * tanh(scores / attn_softcap) (Gemma-2); null: none
+    attn_softcap: Optional[float] = None
+    local_attention: LocalAttentionConfig = field(default_factory=LocalAttentionConfig)
     max_seq_len: int = 2048
     mamba: MambaConfig = field(default_factory=MambaConfig)
     mamba2: Mamba2Config = field(default_factory=Mamba2Config)
@@ -203,6 +291,22 @@ class ModelConfig:
         if n_heads is None:
             return self.n_heads, self.kv_heads, self.attn_head_dim
         return n_heads, n_heads, self.n_heads * self.attn_head_dim // n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.attn_head_dim * self.rotary_pct)
+
+    def rope_of(self, symbol: str) -> tuple[float, RopeScalingConfig]:
+        """(theta, scaling) of the RoPE an attention layer ('*' or 'W') uses."""
+        local = self.local_attention
+        if symbol == "W":
+            return (self.rope_theta if local.rope_theta is None else local.rope_theta,
+                    self.rope_scaling if local.rope_scaling is None else local.rope_scaling)
+        return self.rope_theta, self.rope_scaling
+
+    def window_of(self, symbol: str) -> Optional[int]:
+        """The sliding window of an attention layer ('W'), None for full attention ('*')."""
+        return self.local_attention.window if symbol == "W" else None
 
     @property
     def padded_vocab_size(self) -> int:
@@ -232,6 +336,7 @@ class ModelConfig:
             out.append(("d_mlp", f"must be >= 1 when mlp is '{self.mlp}'"))
         if self.norm_eps <= 0:
             out.append(("norm_eps", "must be > 0"))
+        out += self._check_block_options(symbols)
         if "M" in symbols:
             out += [(f"mamba.{k}", r) for k, r in self.mamba.check(self.d_model)]
         if "S" in symbols:
@@ -244,6 +349,28 @@ class ModelConfig:
                             f"rotary dims {int(rhd * self.rotary_pct)} of a retention head must be even"))
         if "G" in symbols:
             out += [(f"gla.{k}", r) for k, r in self.gla.check(self.n_heads * self.attn_head_dim)]
+        return out
+
+    def _check_block_options(self, symbols: list[str]) -> Problems:
+        out: Problems = []
+        if self.norm_placement != "pre" and self.parallel_residual:
+            out.append(("norm_placement", f"'{self.norm_placement}' norms need the sequential block "
+                                          "(parallel_residual false)"))
+        if self.norm_unit_offset and self.norm != "rmsnorm":
+            out.append(("norm_unit_offset", "the (1 + weight) convention is an RMSNorm one (norm 'rmsnorm')"))
+        for key in ("embed_scale", "attn_scale", "attn_softcap", "final_softcap"):
+            v = getattr(self, key)
+            if v is not None and v <= 0:
+                out.append((key, f"must be > 0, got {v}"))
+        if self.logit_scale == 0:
+            out.append(("logit_scale", "must not be 0"))
+        out += [(f"rope_scaling.{k}", r) for k, r in self.rope_scaling.check(self.rotary_dim)]
+        local = self.local_attention
+        if "W" in symbols:
+            if local.window is None or local.window < 1:
+                out.append(("local_attention.window", f"'W' layers need a window >= 1, got {local.window}"))
+            if local.rope_scaling is not None:
+                out += [(f"local_attention.rope_scaling.{k}", r) for k, r in local.rope_scaling.check(self.rotary_dim)]
         return out
 
 
@@ -456,8 +583,13 @@ class Config:
         if p.tp > 1 and not out:
             if m.padded_vocab_size % p.tp:
                 out.append(("parallel.tp", f"padded vocab {m.padded_vocab_size} is not divisible by tp {p.tp}"))
-            if "*" in m.pattern and (m.n_heads % p.tp or (m.kv_heads % p.tp and p.tp % m.kv_heads)):
+            if any(s in ATTENTION_SYMBOLS for s in m.pattern) and (m.n_heads % p.tp or (m.kv_heads % p.tp and p.tp % m.kv_heads)):
                 out.append(("parallel.tp", f"tp {p.tp} does not split {m.n_heads} heads / {m.kv_heads} KV heads"))
         if p.pp > 1 and p.pp > m.n_layers:
             out.append(("parallel.pp", f"pp {p.pp} exceeds n_layers {m.n_layers}"))
+        positional = m.pos_embed or any(s in ATTENTION_SYMBOLS for s in m.pattern)
+        if self.data.train_shards is not None and positional and self.data.seq_len > m.max_seq_len and not out:
+            # the donor never saw those positions (and a learned position embedding has no row for them)
+            out.append(("data.seq_len", f"{self.data.seq_len} exceeds model.max_seq_len {m.max_seq_len}, the "
+                                        "positions the attention layers were trained for"))
         return out

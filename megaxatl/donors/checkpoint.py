@@ -195,12 +195,19 @@ class TorchBinStore(TensorStore):
 
 
 class GGUFStore(TensorStore):
-    """All tensors of a GGUF file, dequantized at open by transformers' GGUF loader (HF names)."""
+    """All tensors of a GGUF file, dequantized at open by transformers' GGUF loader (HF names).
+
+    transformers' loader skips any GGUF tensor its name map lacks, so every tensor the file lists
+    (gguf's own reader) is checked here: one that became no HF tensor is an error naming it, but
+    for `rope_freqs.weight`, llama.cpp's RoPE frequency factors (a Llama-3.x's llama3 scaling),
+    kept as `rope_freqs` for the spec."""
 
     format = "gguf"
+    rope_freqs_name = "rope_freqs.weight"
 
     def __init__(self, path: Path, config):
         try:
+            from gguf import GGUFReader, dequantize
             from transformers import AutoModelForCausalLM
             from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
         except ImportError as e:  # pragma: no cover - depends on the install
@@ -212,27 +219,31 @@ class GGUFStore(TensorStore):
             with torch.device("meta"):
                 names_model = AutoModelForCausalLM.from_config(config)
             parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=names_model)
+            listed = {t.name: t for t in GGUFReader(str(path)).tensors}
         except Exception as e:
             raise DonorError(f"{path}: cannot read GGUF tensors ({type(e).__name__}: {e})") from e
         self._tensors: dict[str, torch.Tensor] = parsed["tensors"]
         self._file_of = {k: path for k in self._tensors}
-        self._origin = self._gguf_names(path, names_model, parsed.get("config", {}))
+        mapped = self._gguf_map(names_model, parsed.get("config", {}))
+        self._origin = {hf: g for g, hf in mapped.items()}
+        self.rope_freqs = None
+        for name, tensor in listed.items():
+            if name in mapped and mapped[name] in self._tensors:
+                continue
+            if name == self.rope_freqs_name:
+                self.rope_freqs = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())
+                continue
+            raise DonorError(f"{path}: GGUF tensor {name!r} has no counterpart in transformers' "
+                             f"{config.model_type} model (its loader would drop it)")
 
     @staticmethod
-    def _gguf_names(path: Path, names_model, config: dict) -> dict[str, str]:
-        """HF name -> GGUF tensor name, for the transfer report (best effort: internal API)."""
-        try:
-            from transformers.modeling_gguf_pytorch_utils import (
-                TENSOR_PROCESSORS,
-                TensorProcessor,
-                get_gguf_hf_weights_map,
-            )
+    def _gguf_map(names_model, config: dict) -> dict[str, str]:
+        """GGUF tensor name -> HF name, as transformers' loader maps them (its internal API)."""
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
-            arch = config.get("model_type", "")
-            processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)
-            return {hf: g for g, hf in get_gguf_hf_weights_map(names_model, processor).items()}
-        except Exception:  # pragma: no cover - only the report's wording depends on it
-            return {}
+        arch = config.get("model_type", "")
+        processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)
+        return get_gguf_hf_weights_map(names_model, processor)
 
     def shape(self, key):
         return tuple(self._tensors[key].shape)
@@ -329,10 +340,11 @@ def locate(path: Path | str) -> Located:
 
 
 def _check_gguf_metadata(gguf: Path) -> None:
-    """transformers' GGUF config for Llama-family files does not carry RoPE scaling or sliding
-    windows, so a file that uses them would load as something it is not: refuse it here, naming
-    the GGUF key. (Header only; needs transformers' GGUF metadata reader, skipped without it.)"""
+    """transformers' GGUF config does not carry RoPE scaling metadata, nor a sliding window for
+    the architectures whose key map lacks one (Llama, Mistral), so a file that uses them would load
+    as something it is not: refuse it here, naming the GGUF key. (Header only.)"""
     try:
+        from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
         from transformers.integrations.gguf import read_gguf_metadata
     except ImportError:  # pragma: no cover - older transformers
         return
@@ -340,11 +352,15 @@ def _check_gguf_metadata(gguf: Path) -> None:
         metadata, _ = read_gguf_metadata(str(gguf))
     except Exception as e:
         raise DonorError(f"{gguf}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+    arch = metadata.get("general.architecture")
     for key, value in metadata.items():
         if key.endswith(".rope.scaling.type") and value not in ("none", None):
-            raise DonorError(f"{gguf}: GGUF key {key!r} = {value!r} is not supported: only plain (default) RoPE")
-        if key.endswith(".attention.sliding_window") and value:
-            raise DonorError(f"{gguf}: GGUF key {key!r} = {value!r} is not supported: sliding-window attention")
+            raise DonorError(f"{gguf}: GGUF key {key!r} = {value!r} is not supported: transformers reads no RoPE "
+                             "scaling from GGUF metadata")
+        if (key.endswith(".attention.sliding_window") and value
+                and "attention.sliding_window" not in GGUF_CONFIG_MAPPING.get(arch, {})):
+            raise DonorError(f"{gguf}: GGUF key {key!r} = {value!r} is not supported: transformers' {arch} GGUF "
+                             "config has no sliding window")
 
 
 def _located_gguf(gguf: Path) -> Located:

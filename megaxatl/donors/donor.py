@@ -9,13 +9,40 @@ from typing import Iterator
 
 import torch
 
-from . import gpt2, gpt_neox, llama
+from . import gemma, gpt2, gpt_neox, llama, olmo2, phi3, stablelm
+from ._config import interpret_config
 from .checkpoint import TensorStore, locate
 from .keymap import Entry, resolve
-from .spec import DonorError, DonorSpec
+from .spec import DonorError, DonorSpec, canonical_shapes
 
-_FAMILY_MODULES: dict[str, ModuleType] = {t: m for m in (gpt_neox, llama, gpt2) for t in m.MODEL_TYPES}
-SUPPORTED_MODEL_TYPES = tuple(sorted(_FAMILY_MODULES))
+FAMILY_MODULES: dict[str, ModuleType] = {t: m for m in (gpt_neox, llama, gpt2, gemma, phi3, olmo2, stablelm)
+                                         for t in m.MODEL_TYPES}
+SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILY_MODULES))
+ROPE_FREQS_REASON = ("llama.cpp's RoPE frequency factors (its form of llama3 scaling): read into the spec's "
+                     "rope_scaling ('factors')")
+
+
+def family_module(model_type: str | None, where: str) -> ModuleType:
+    module = FAMILY_MODULES.get(model_type)
+    if module is None:
+        raise DonorError(f"{where}: unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    return module
+
+
+def spec_of_config(raw: dict, where: str, dtype: str = "unknown") -> DonorSpec:
+    """The DonorSpec of an HF config dict, as transformers interprets it."""
+    module = family_module(raw.get("model_type"), where)
+    return module.spec_from_config(interpret_config(raw, where), where, dtype=dtype)
+
+
+def resolve_spec(module: ModuleType, spec: DonorSpec, store, where: str):
+    """(entries, dropped) of `store` read as a donor of `spec` (keymap.resolve)."""
+    facts = (f"qkv_bias={spec.qkv_bias}, attn_out_bias={spec.attn_out_bias}, mlp_bias={spec.mlp_bias}, "
+             f"norm={spec.norm}, norm_placement={spec.norm_placement}, qk_norm={spec.qk_norm}, "
+             f"tie_embeddings={spec.tie_embeddings}")
+    return resolve(module.KEYMAPS[spec.family], spec, store, where, n_layers=spec.n_layers,
+                   expected=canonical_shapes(spec), tie_embeddings=spec.tie_embeddings, family=spec.family,
+                   facts=facts)
 
 
 class Donor:
@@ -121,16 +148,23 @@ def open_donor(path: Path | str) -> Donor:
     (GGUF: dequantizes every tensor at open, see `checkpoint.GGUFStore`). Never runs donor code."""
     path = Path(path).expanduser()
     loc = locate(path)
-    model_type = loc.config.get("model_type")
-    module = _FAMILY_MODULES.get(model_type)
-    if module is None:
-        raise DonorError(
-            f"{loc.config_where}: unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    spec = module.spec_from_config(loc.config, loc.config_where, dtype="unknown")
+    module = family_module(loc.config.get("model_type"), loc.config_where)
+    spec = spec_of_config(loc.config, loc.config_where)
     store = loc.open_store()
     try:
-        entries, dropped = resolve(module.KEYMAP, spec, store, str(path))
+        extra_dropped = {}
+        rope_freqs = getattr(store, "rope_freqs", None)
+        if rope_freqs is not None:  # a GGUF Llama-3.x: the scaling is this tensor, not the metadata
+            if spec.rope_scaling is not None:
+                raise DonorError(f"{loc.config_where}: both RoPE scaling {spec.rope_scaling} and a rope_freqs tensor")
+            factors = rope_freqs.float().flatten().tolist()
+            if len(factors) != spec.rotary_dim // 2:
+                raise DonorError(f"{path}: rope_freqs has {len(factors)} factors, the heads {spec.rotary_dim // 2} "
+                                 "rotary pairs")
+            spec = dataclasses.replace(spec, rope_scaling={"type": "factors", "factors": factors})
+            extra_dropped[store.rope_freqs_name] = ROPE_FREQS_REASON
+        entries, dropped = resolve_spec(module, spec, store, str(path))
+        dropped |= extra_dropped
         dtype = store.dtype(entries["embed.weight"].source)
         spec = dataclasses.replace(spec, dtype=str(dtype).removeprefix("torch."))
     except BaseException:

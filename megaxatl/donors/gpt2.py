@@ -1,7 +1,7 @@
 """GPT-2 donors (`model_type: gpt2`).
 
-Learned absolute positions (`wpe` -> `pos_embed.weight`; an LCI target drops it), LayerNorm, GELU
-(tanh) MLP, biases everywhere, tied head. GPT-2 uses `Conv1D` layers whose weight is `(in, out)`:
+Learned absolute positions (`wpe` -> `pos_embed.weight`, kept as the model's `pos_embed`),
+LayerNorm, GELU (tanh) MLP, biases everywhere, tied head. GPT-2 uses `Conv1D` layers whose weight is `(in, out)`:
 every one is transposed into `nn.Linear`'s `(out, in)`, and the fused `c_attn` `(D, 3D)` is split
 along its output columns into q, k, v (in that order) before the transpose.
 """
@@ -11,29 +11,28 @@ from __future__ import annotations
 import torch
 
 from ._config import PLAIN_ACTIVATIONS, Cfg
-from .keymap import KeyMap, Op
+from .gpt_neox import NEOX_ACT
+from .keymap import Fused, KeyMap, transposed
 from .spec import DonorSpec
 
 MODEL_TYPES = ("gpt2",)
+HF_CLASSES = {"gpt2": "GPT2LMHeadModel"}
 
 
-def _transpose(t: torch.Tensor, spec: DonorSpec) -> torch.Tensor:
-    return t.t()
+def _c_attn_split(t: torch.Tensor, dims) -> list[torch.Tensor]:
+    D = dims.d_model
+    if t.dim() == 1:  # bias (3D,)
+        return [t[i * D:(i + 1) * D] for i in range(3)]
+    return [t[:, i * D:(i + 1) * D].t() for i in range(3)]  # (D, 3D) -> q/k/v columns -> (D_out, D_in)
 
 
-def _c_attn_part(part: int):
-    def fn(t: torch.Tensor, spec: DonorSpec) -> torch.Tensor:
-        D = spec.d_model
-        if t.dim() == 1:  # bias (3D,)
-            return t[part * D:(part + 1) * D]
-        return t[:, part * D:(part + 1) * D].t()  # (D, 3D) -> q/k/v columns -> (D_out, D_in)
-
-    return fn
+def _c_attn_join(parts: list[torch.Tensor], dims) -> torch.Tensor:
+    return torch.cat(parts) if parts[0].dim() == 1 else torch.cat([p.t() for p in parts], dim=1)
 
 
-def _split_c_attn(kind: str) -> tuple[Op, ...]:
+def _split_c_attn(kind: str) -> Fused:
     how = "{} third of Conv1D c_attn (in, 3*out) columns" + (", transposed" if kind == "weight" else "")
-    return tuple(Op(f"layers.{{}}.mixer.{n}_proj.{kind}", _c_attn_part(i), how.format(n)) for i, n in enumerate("qkv"))
+    return Fused(tuple(f"layers.{{}}.mixer.{n}_proj.{kind}" for n in "qkv"), _c_attn_split, _c_attn_join, how)
 
 
 KEYMAP = KeyMap(
@@ -46,13 +45,13 @@ KEYMAP = KeyMap(
         "h.{}.ln_1.bias": "layers.{}.norm1.bias",
         "h.{}.attn.c_attn.weight": _split_c_attn("weight"),
         "h.{}.attn.c_attn.bias": _split_c_attn("bias"),
-        "h.{}.attn.c_proj.weight": Op("layers.{}.mixer.o_proj.weight", _transpose, "Conv1D transposed"),
+        "h.{}.attn.c_proj.weight": transposed("layers.{}.mixer.o_proj.weight", "Conv1D transposed"),
         "h.{}.attn.c_proj.bias": "layers.{}.mixer.o_proj.bias",
         "h.{}.ln_2.weight": "layers.{}.norm2.weight",
         "h.{}.ln_2.bias": "layers.{}.norm2.bias",
-        "h.{}.mlp.c_fc.weight": Op("layers.{}.mlp.up_proj.weight", _transpose, "Conv1D transposed"),
+        "h.{}.mlp.c_fc.weight": transposed("layers.{}.mlp.up_proj.weight", "Conv1D transposed"),
         "h.{}.mlp.c_fc.bias": "layers.{}.mlp.up_proj.bias",
-        "h.{}.mlp.c_proj.weight": Op("layers.{}.mlp.down_proj.weight", _transpose, "Conv1D transposed"),
+        "h.{}.mlp.c_proj.weight": transposed("layers.{}.mlp.down_proj.weight", "Conv1D transposed"),
         "h.{}.mlp.c_proj.bias": "layers.{}.mlp.down_proj.bias",
         "ln_f.weight": "norm_f.weight",
         "ln_f.bias": "norm_f.bias",
@@ -62,6 +61,7 @@ KEYMAP = KeyMap(
     },
     head={"lm_head.weight": "lm_head.weight"},
 )
+KEYMAPS = dict.fromkeys(MODEL_TYPES, KEYMAP)
 
 
 def spec_from_config(cfg: dict, where: str, dtype: str) -> DonorSpec:
@@ -88,3 +88,10 @@ def spec_from_config(cfg: dict, where: str, dtype: str) -> DonorSpec:
         bos_token_id=c.token_id("bos_token_id"), eos_token_id=c.token_id("eos_token_id"), dtype=dtype,
         has_pos_embed=True,
     )
+
+
+def hf_config(m, model_type: str) -> dict:
+    return {"vocab_size": m.vocab_size, "n_embd": m.d_model, "n_layer": m.n_layers, "n_head": m.n_heads,
+            "n_inner": m.d_mlp, "n_positions": m.max_seq_len, "activation_function": NEOX_ACT.get(m.mlp, "gelu"),
+            "layer_norm_epsilon": m.norm_eps, "tie_word_embeddings": m.tie_embeddings,
+            "initializer_range": m.init_std}

@@ -10,25 +10,31 @@ from __future__ import annotations
 
 import torch
 
-from ._config import PLAIN_ACTIVATIONS, Cfg
-from .keymap import KeyMap, Op
+from ._config import PLAIN_ACTIVATIONS, Cfg, hf_common, hf_rope
+from .keymap import Fused, KeyMap
 from .spec import DonorSpec
 
 MODEL_TYPES = ("gpt_neox",)
+HF_CLASSES = {"gpt_neox": "GPTNeoXForCausalLM"}
+# the canonical MLP kinds the GPT-NeoX config can name
+NEOX_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
 
 
-def _qkv_part(part: int):
-    def fn(t: torch.Tensor, spec: DonorSpec) -> torch.Tensor:
-        H, hd = spec.n_heads, spec.head_dim
-        # weight (H*3*hd, D) -> (H, 3, hd, D); bias (H*3*hd,) -> (H, 3, hd)
-        return t.view(H, 3, hd, *t.shape[1:])[:, part].reshape(H * hd, *t.shape[1:])
-
-    return fn
+def _qkv_split(t: torch.Tensor, dims) -> list[torch.Tensor]:
+    H, hd = dims.n_heads, dims.head_dim
+    # weight (H*3*hd, D) -> (H, 3, hd, D); bias (H*3*hd,) -> (H, 3, hd)
+    v = t.view(H, 3, hd, *t.shape[1:])
+    return [v[:, i].reshape(H * hd, *t.shape[1:]) for i in range(3)]
 
 
-def _split_qkv(kind: str) -> tuple[Op, ...]:
-    how = "{} of per-head fused query_key_value, viewed (H, 3, hd, ...)"
-    return tuple(Op(f"layers.{{}}.mixer.{n}_proj.{kind}", _qkv_part(i), how.format(n)) for i, n in enumerate("qkv"))
+def _qkv_join(parts: list[torch.Tensor], dims) -> torch.Tensor:
+    H, hd = dims.n_heads, dims.head_dim
+    return torch.stack([p.reshape(H, hd, *p.shape[1:]) for p in parts], dim=1).reshape(-1, *parts[0].shape[1:])
+
+
+def _split_qkv(kind: str) -> Fused:
+    return Fused(tuple(f"layers.{{}}.mixer.{n}_proj.{kind}" for n in "qkv"), _qkv_split, _qkv_join,
+                 "{} of per-head fused query_key_value, viewed (H, 3, hd, ...)")
 
 
 KEYMAP = KeyMap(
@@ -60,26 +66,30 @@ KEYMAP = KeyMap(
     # renames on load / save), so a state dict saved straight from the module has lm_head
     head={"embed_out.weight": "lm_head.weight", "lm_head.weight": "lm_head.weight"},
 )
+KEYMAPS = dict.fromkeys(MODEL_TYPES, KEYMAP)
 
 
 def spec_from_config(cfg: dict, where: str, dtype: str) -> DonorSpec:
     c = Cfg(cfg, where)
-    D, H = c.int("hidden_size"), c.int("num_attention_heads")
-    if D % H:
-        raise c.unsupported("num_attention_heads", H, f"hidden_size {D} is not a multiple of it")
+    D, H, _, hd = c.dims(head_dim_key=False)
     act = c.get("hidden_act", default="gelu")
     if act not in PLAIN_ACTIVATIONS:
         raise c.unsupported("hidden_act", act, f"known: {sorted(PLAIN_ACTIVATIONS)}")
-    rotary_pct, theta = c.rope(default_pct=0.25, pct_keys=("rotary_pct", "partial_rotary_factor"),
-                               theta_keys=("rope_theta", "rotary_emb_base"))
-    c.full_attention_only()
+    rotary_pct, theta, scaling = c.rope(default_pct=0.25, pct_keys=("rotary_pct", "partial_rotary_factor"),
+                                        theta_keys=("rope_theta", "rotary_emb_base"))
     bias = c.flag("attention_bias", True)  # transformers 4.x NeoX always had attention biases
     return DonorSpec(
-        family="gpt_neox", vocab_size=c.int("vocab_size"), d_model=D, n_layers=c.int("num_hidden_layers"),
-        n_heads=H, n_kv_heads=H, head_dim=D // H, rotary_pct=rotary_pct, rope_theta=theta,
-        norm="layernorm", norm_eps=float(c.get("layer_norm_eps", default=1e-5)),
+        **c.common("gpt_neox", dtype), d_model=D, n_heads=H, n_kv_heads=H, head_dim=hd, rotary_pct=rotary_pct,
+        rope_theta=theta, rope_scaling=scaling, norm="layernorm", norm_eps=float(c.get("layer_norm_eps", default=1e-5)),
         mlp=PLAIN_ACTIVATIONS[act], d_mlp=c.int("intermediate_size"), mlp_bias=True,
         qkv_bias=bias, attn_out_bias=bias, parallel_residual=c.flag("use_parallel_residual", True),
-        tie_embeddings=c.flag("tie_word_embeddings", False), max_seq_len=c.int("max_position_embeddings"),
-        bos_token_id=c.token_id("bos_token_id"), eos_token_id=c.token_id("eos_token_id"), dtype=dtype,
     )
+
+
+def hf_config(m, model_type: str) -> dict:
+    out = hf_common(m)
+    for k in ("num_key_value_heads", "head_dim"):  # always H heads of hidden_size / H
+        del out[k]
+    return out | {"hidden_act": NEOX_ACT.get(m.mlp, "gelu"), "layer_norm_eps": m.norm_eps,
+                  "use_parallel_residual": m.parallel_residual, "attention_bias": m.qkv_bias,
+                  "rope_parameters": hf_rope(m, partial=True)}

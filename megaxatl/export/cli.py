@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 # hf.ARCH_NAMES, repeated here so that building the parser does not import torch
-ARCH_CHOICES = ("auto", "llama", "qwen2", "gpt_neox", "mamba", "mamba2", "bamba", "remote")
+ARCH_CHOICES = ("auto", "llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
+                "stablelm", "gpt_neox", "gpt2", "mamba", "mamba2", "bamba", "remote")
 
 
 def _refuse_existing(out: Path, overwrite: bool) -> None:
@@ -36,7 +37,7 @@ def run_export_hf(args) -> int:
 
 def add_import_hf_args(p) -> None:
     p.add_argument("--hf", required=True, help="a Hugging Face folder written by export-hf "
-                                               "(or a stock Llama / Qwen2 / Mistral / GPT-NeoX folder)")
+                                               "(or a stock folder of a donor family megaxatl reads)")
     p.add_argument("--out", required=True, help="output megaxatl model folder (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
 

@@ -1,25 +1,11 @@
 """A megaxatl model folder <-> a Hugging Face folder that `AutoModelForCausalLM` loads.
 
-Export picks the first stock transformers class that reproduces the model EXACTLY (same blocks,
-norms, rotary, biases, eps), else ships plain-PyTorch model code (`remote/`) loaded with
-`trust_remote_code=True`. Which of our configs fits which class, and why not, is decided by the
-`fits` function of each `Arch` in `ARCHS`, in order:
-
-    llama     LlamaForCausalLM     all attention, RMSNorm, SwiGLU, sequential, full rotary,
-                                   q/k/v/o biases all on or all off
-    qwen2     Qwen2ForCausalLM     as llama, but q/k/v biases only (no o / MLP bias)
-    gpt_neox  GPTNeoXForCausalLM   all attention, LayerNorm, plain MLP with biases, no GQA,
-                                   any rotary fraction, parallel or sequential residual
-    mamba     MambaForCausalLM     all Mamba-1, no MLP, RMSNorm, whole-number expand
-    mamba2    Mamba2ForCausalLM    all Mamba-2, no MLP, RMSNorm, whole-number expand, gated-norm
-                                   eps equal to the block norm eps
-    bamba     BambaForCausalLM     Mamba-2 with or without attention, SwiGLU, RMSNorm, sequential,
-                                   whole-number expand, gated-norm eps equal to the norm eps
-    remote    MegaxatlForCausalLM  everything (Mamba-1 hybrids, retention, GLA, the rest)
-
-Weights are renamed by explicit tables of module-path prefixes (`KeyTable`), one per class; every
-tensor must match a rule both ways (an unknown key is an error naming it), GPT-NeoX's per-head
-fused query_key_value is packed / unpacked exactly, and nothing is cast, so import gives back the
+Export picks the first stock transformers class that reproduces the model EXACTLY, else ships
+plain-PyTorch model code (`remote/`) loaded with `trust_remote_code=True`; which class fits, and
+why not, is `archs.py`'s table. Weights go through that class's litgpt-style key table (the donor
+families' own tables, donors/keymap.py) in both directions: every tensor must match a rule (an
+unknown key is an error naming it), fused tensors (GPT-NeoX's per-head query_key_value, Phi-3's
+qkv_proj / gate_up_proj) are joined / split exactly, and nothing is cast, so import gives back the
 original tensors bit for bit.
 
 Our embedding and head carry `padded_vocab_size` rows (TP / kernel padding, never predicted);
@@ -31,19 +17,18 @@ meta.json (config, step, transfer report) in `megaxatl_export.json`.
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from megaxatl.config import Config, ModelConfig, config_from_dict, config_to_dict
+from megaxatl.config import ModelConfig, config_from_dict, config_to_dict
+from megaxatl.donors.keymap import Dims, KeyMapError, resolve, to_original
+from megaxatl.export.archs import ARCH_NAMES, ARCHS, Arch, arch_named
 from megaxatl.fsutil import atomic_dir
 
 FORMAT = "megaxatl-hf-export"
@@ -63,328 +48,52 @@ class ExportError(ValueError):
     """A model or folder that cannot be exported / imported faithfully; the message names it."""
 
 
-# ---- key tables ------------------------------------------------------------------------------
+class _TensorDict:
+    """In-memory tensors in the store interface keymap.resolve reads."""
 
-@dataclass(frozen=True)
-class Fused:
-    """Several of our tensors stored as one HF tensor (e.g. GPT-NeoX's query_key_value)."""
+    def __init__(self, tensors: dict[str, torch.Tensor], file: Path):
+        self._t, self._file = tensors, file
 
-    hf: str  # HF prefix inside the layer
-    parts: tuple[str, ...]  # our prefixes inside the layer, in packing order
-    pack: Callable[[list[torch.Tensor], ModelConfig], torch.Tensor]
-    unpack: Callable[[torch.Tensor, ModelConfig], list[torch.Tensor]]
+    def keys(self):
+        return list(self._t)
 
+    def file_of(self, key):
+        return self._file
 
-@dataclass(frozen=True)
-class KeyTable:
-    """Renames of module-path prefixes (longest prefix wins; a tensor keeps its own suffix).
+    def shape(self, key):
+        return tuple(self._t[key].shape)
 
-    top: our prefix -> HF prefix outside the layers; layer: the HF prefix of layer i ('{}');
-    block: per mixer symbol, our prefix inside a layer -> HF prefix inside the layer;
-    aliases: extra HF prefixes accepted on import (spellings other transformers versions save)."""
-
-    top: dict[str, str]
-    layer: str
-    block: dict[str, dict[str, str]]
-    fused: tuple[Fused, ...] = ()
-    aliases: dict[str, str] = field(default_factory=dict)
+    def dtype(self, key):
+        return self._t[key].dtype
 
 
-def _neox_pack(parts: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
-    # (H * 3 * hd, ...) laid out (H, 3, hd, ...): HF views it (.., H, 3 * hd) and chunks in 3
-    H, hd = cfg.n_heads, cfg.attn_head_dim
-    return torch.stack([p.reshape(H, hd, *p.shape[1:]) for p in parts], dim=1).reshape(-1, *parts[0].shape[1:])
+def to_hf_keys(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: Arch, facts: dict,
+               what: str) -> dict[str, torch.Tensor]:
+    """Our state dict -> HF tensors through the class's key table; every tensor must have a rule."""
+    try:
+        return to_original(arch.keymap(facts), state, Dims.of(cfg), cfg.n_layers, what)
+    except KeyMapError as e:
+        raise ExportError(str(e)) from None
 
 
-def _neox_unpack(t: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
-    H, hd = cfg.n_heads, cfg.attn_head_dim
-    v = t.reshape(H, 3, hd, *t.shape[1:])
-    return [v[:, i].reshape(H * hd, *t.shape[1:]).clone() for i in range(3)]
+def from_hf_keys(tensors: dict[str, torch.Tensor], cfg: ModelConfig, arch: Arch, facts: dict,
+                 where: Path) -> dict[str, torch.Tensor]:
+    """HF tensors -> our state dict (the same table the other way); an unknown key is an error naming it."""
+    from megaxatl.donors import DonorError
 
-
-_LLAMA_BLOCK = {"norm1.": "input_layernorm.", "mixer.": "self_attn.", "norm2.": "post_attention_layernorm.",
-                "mlp.": "mlp."}
-LLAMA_KEYS = KeyTable(
-    top={"embed.": "model.embed_tokens.", "norm_f.": "model.norm.", "lm_head.": "lm_head."},
-    layer="model.layers.{}.",
-    block={"*": _LLAMA_BLOCK},
-)
-GPT_NEOX_KEYS = KeyTable(
-    # the file's name for the head (transformers 5 renames it lm_head in the module, and back on save)
-    top={"embed.": "gpt_neox.embed_in.", "norm_f.": "gpt_neox.final_layer_norm.", "lm_head.": "embed_out."},
-    layer="gpt_neox.layers.{}.",
-    block={"*": {"norm1.": "input_layernorm.", "mixer.o_proj.": "attention.dense.",
-                 "norm2.": "post_attention_layernorm.", "mlp.up_proj.": "mlp.dense_h_to_4h.",
-                 "mlp.down_proj.": "mlp.dense_4h_to_h."}},
-    fused=(Fused("attention.query_key_value.", ("mixer.q_proj.", "mixer.k_proj.", "mixer.v_proj."),
-                 _neox_pack, _neox_unpack),),
-    aliases={"lm_head.": "lm_head."},
-)
-_MAMBA_TOP = {"embed.": "backbone.embeddings.", "norm_f.": "backbone.norm_f.", "lm_head.": "lm_head."}
-MAMBA_KEYS = KeyTable(top=_MAMBA_TOP, layer="backbone.layers.{}.",
-                      block={"M": {"norm1.": "norm.", "mixer.": "mixer."}})
-MAMBA2_KEYS = KeyTable(top=_MAMBA_TOP, layer="backbone.layers.{}.",
-                       block={"S": {"norm1.": "norm.", "mixer.": "mixer."}})
-_BAMBA_BLOCK = {"norm1.": "input_layernorm.", "norm2.": "pre_ff_layernorm.", "mlp.": "feed_forward."}
-BAMBA_KEYS = KeyTable(
-    top={"embed.": "model.embed_tokens.", "norm_f.": "model.final_layernorm.", "lm_head.": "lm_head."},
-    layer="model.layers.{}.",
-    block={"*": {**_BAMBA_BLOCK, "mixer.": "self_attn."}, "S": {**_BAMBA_BLOCK, "mixer.": "mamba."}},
-)
-# the shipped model code uses our own module names under `model.`
-REMOTE_KEYS = KeyTable(
-    top={"embed.": "model.embed.", "norm_f.": "model.norm_f.", "lm_head.": "lm_head."},
-    layer="model.layers.{}.",
-    block={s: {"": ""} for s in "*MSRG"},
-)
-
-
-def _rename(name: str, table: dict[str, str]) -> str | None:
-    for src in sorted(table, key=len, reverse=True):
-        if name.startswith(src):
-            return table[src] + name[len(src):]
-    return None
-
-
-def to_hf_keys(state: dict[str, torch.Tensor], cfg: ModelConfig, table: KeyTable, what: str) -> dict[str, torch.Tensor]:
-    """Our state dict -> HF tensors; every tensor must match a rule of `table`."""
-    symbols = cfg.layer_symbols
-    out: dict[str, torch.Tensor] = {}
-    pending: dict[tuple[int, Fused, str], dict[str, torch.Tensor]] = {}
-
-    def put(key: str, t: torch.Tensor, src: str) -> None:
-        if key in out:
-            raise ExportError(f"{what}: two tensors map to {key!r} (the second is {src!r})")
-        out[key] = t
-
-    for name, t in state.items():
-        m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
-        if m is None:
-            key = _rename(name, table.top)
-            if key is None:
-                raise ExportError(f"{what}: tensor {name!r} has no rule in the key table")
-            put(key, t, name)
-            continue
-        i, rest = int(m[1]), m[2]
-        fused = next(((f, p) for f in table.fused for p in f.parts if rest.startswith(p)), None)
-        if fused is not None:
-            f, p = fused
-            pending.setdefault((i, f, rest[len(p):]), {})[p] = t
-            continue
-        block = table.block.get(symbols[i])
-        hf_rest = _rename(rest, block) if block is not None else None
-        if hf_rest is None:
-            raise ExportError(f"{what}: tensor {name!r} (mixer '{symbols[i]}') has no rule in the key table")
-        put(table.layer.format(i) + hf_rest, t, name)
-    for (i, f, suffix), parts in pending.items():
-        missing = [p for p in f.parts if p not in parts]
-        if missing:
-            raise ExportError(f"{what}: layer {i} lacks {missing[0]}{suffix} to fuse into {f.hf}{suffix}")
-        put(table.layer.format(i) + f.hf + suffix, f.pack([parts[p] for p in f.parts], cfg), f"layers.{i}.{f.hf}")
+    V = cfg.vocab_size
+    expected = {k: ((V,) + s[1:] if k in HEAD_ROWS else s) for k, s in facts["shapes"].items()}
+    try:
+        entries, _ = resolve(arch.keymap(facts), Dims.of(cfg), _TensorDict(tensors, where), str(where),
+                             n_layers=cfg.n_layers, expected=expected, tie_embeddings=cfg.tie_embeddings,
+                             family=arch.hf_class)
+    except DonorError as e:
+        raise ExportError(str(e)) from None
+    out = {}
+    for name, e in entries.items():
+        t = e.op.fn(tensors[e.source], Dims.of(cfg))
+        out[name] = t if t is tensors[e.source] else t.clone(memory_format=torch.contiguous_format)
     return out
-
-
-def from_hf_keys(tensors: dict[str, torch.Tensor], cfg: ModelConfig, table: KeyTable,
-                 where: str) -> dict[str, torch.Tensor]:
-    """HF tensors -> our state dict (inverse of `to_hf_keys`); an unknown key is an error naming it."""
-    symbols = cfg.layer_symbols
-    layer_re = re.compile(re.escape(table.layer).replace(r"\{\}", r"(\d+)") + r"(.+)")
-    top_inv = {hf: ours for ours, hf in table.top.items()} | table.aliases
-    out: dict[str, torch.Tensor] = {}
-    for key, t in tensors.items():
-        m = layer_re.fullmatch(key)
-        names: list[tuple[str, torch.Tensor]]
-        if m is not None and int(m[1]) < len(symbols):
-            i, rest = int(m[1]), m[2]
-            f = next((f for f in table.fused if rest.startswith(f.hf)), None)
-            if f is not None:
-                suffix = rest[len(f.hf):]
-                names = [(f"layers.{i}.{p}{suffix}", part) for p, part in zip(f.parts, f.unpack(t, cfg))]
-            else:
-                block = table.block.get(symbols[i], {})
-                ours = _rename(rest, {hf: o for o, hf in block.items()})
-                names = [(f"layers.{i}.{ours}", t)] if ours is not None else []
-        else:
-            ours = _rename(key, top_inv)
-            names = [(ours, t)] if ours is not None else []
-        if not names:
-            raise ExportError(f"{where}: unknown tensor key {key!r} for this model's layout")
-        for name, part in names:
-            if name in out:
-                raise ExportError(f"{where}: {name!r} is given twice (second by {key!r})")
-            out[name] = part
-    return out
-
-
-# ---- which class fits ------------------------------------------------------------------------
-
-def _symbols_in(cfg: ModelConfig, allowed: str, what: str) -> list[str]:
-    bad = sorted(set(cfg.layer_symbols) - set(allowed))
-    return [f"pattern has {', '.join(repr(s) for s in bad)} layers ({what} only)"] if bad else []
-
-
-def _need(ok: bool, why: str) -> list[str]:
-    return [] if ok else [why]
-
-
-def _whole_expand(section) -> list[str]:
-    return _need(float(section.expand).is_integer(), f"expand {section.expand} is not a whole number")
-
-
-def _mamba2_eps(cfg: ModelConfig, facts: dict) -> list[str]:
-    eps = facts.get("mamba2_norm_eps")
-    return _need(eps is None or eps == cfg.norm_eps,
-                 f"Mamba-2 gated norm eps {eps} differs from norm_eps {cfg.norm_eps} (one eps in the HF config)")
-
-
-def _fits_llama_like(cfg: ModelConfig) -> list[str]:
-    return (_symbols_in(cfg, "*", "attention") + _need(cfg.norm == "rmsnorm", "norm is not rmsnorm")
-            + _need(cfg.mlp == "swiglu", "mlp is not swiglu")
-            + _need(not cfg.parallel_residual, "parallel residual")
-            + _need(cfg.rotary_pct == 1.0, f"rotary_pct {cfg.rotary_pct} (Llama-family RoPE rotates whole heads)"))
-
-
-def fits_llama(cfg: ModelConfig, facts: dict) -> list[str]:
-    return _fits_llama_like(cfg) + _need(cfg.qkv_bias == cfg.attn_out_bias,
-                                         "q/k/v and o biases differ (attention_bias sets all four)")
-
-
-def fits_qwen2(cfg: ModelConfig, facts: dict) -> list[str]:
-    return _fits_llama_like(cfg) + _need(cfg.qkv_bias and not cfg.attn_out_bias and not cfg.mlp_bias,
-                                         "Qwen2 has q/k/v biases only")
-
-
-def fits_gpt_neox(cfg: ModelConfig, facts: dict) -> list[str]:
-    return (_symbols_in(cfg, "*", "attention") + _need(cfg.norm == "layernorm", "norm is not layernorm")
-            + _need(cfg.mlp in NEOX_ACT, f"mlp '{cfg.mlp}' is not a plain gelu / gelu_tanh / relu MLP")
-            + _need(cfg.mlp_bias, "no MLP biases (GPT-NeoX always has them)")
-            + _need(cfg.qkv_bias == cfg.attn_out_bias, "q/k/v and o biases differ (attention_bias sets all four)")
-            + _need(cfg.kv_heads == cfg.n_heads, "grouped-query attention")
-            + _need(cfg.n_heads * cfg.attn_head_dim == cfg.d_model, "head_dim * n_heads != d_model"))
-
-
-def fits_mamba(cfg: ModelConfig, facts: dict) -> list[str]:
-    return (_symbols_in(cfg, "M", "Mamba-1") + _need(cfg.mlp == "none", "blocks have an MLP")
-            + _need(cfg.norm == "rmsnorm", "norm is not rmsnorm") + _whole_expand(cfg.mamba))
-
-
-def fits_mamba2(cfg: ModelConfig, facts: dict) -> list[str]:
-    return (_symbols_in(cfg, "S", "Mamba-2") + _need(cfg.mlp == "none", "blocks have an MLP")
-            + _need(cfg.norm == "rmsnorm", "norm is not rmsnorm") + _whole_expand(cfg.mamba2)
-            + _mamba2_eps(cfg, facts))
-
-
-def fits_bamba(cfg: ModelConfig, facts: dict) -> list[str]:
-    has_attn = "*" in cfg.layer_symbols
-    return (_symbols_in(cfg, "S*", "Mamba-2 and attention") + _need("S" in cfg.layer_symbols, "no Mamba-2 layer")
-            + _need(cfg.mlp == "swiglu", "mlp is not swiglu") + _need(cfg.norm == "rmsnorm", "norm is not rmsnorm")
-            + _need(not cfg.parallel_residual, "parallel residual") + _whole_expand(cfg.mamba2)
-            + _mamba2_eps(cfg, facts)
-            + _need(not has_attn or cfg.qkv_bias == cfg.attn_out_bias,
-                    "q/k/v and o biases differ (attention_bias sets all four)"))
-
-
-# ---- HF configs ------------------------------------------------------------------------------
-
-NEOX_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
-
-
-def _rope(cfg: ModelConfig, partial: bool) -> dict:
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if partial:
-        rope["partial_rotary_factor"] = cfg.rotary_pct
-    return rope
-
-
-def llama_config(cfg: ModelConfig, facts: dict) -> dict:
-    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
-                num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
-                head_dim=cfg.attn_head_dim, hidden_act="silu", max_position_embeddings=cfg.max_seq_len,
-                rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, rope_parameters=_rope(cfg, False),
-                attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, initializer_range=cfg.init_std)
-
-
-def qwen2_config(cfg: ModelConfig, facts: dict) -> dict:
-    c = llama_config(cfg, facts)
-    del c["attention_bias"], c["mlp_bias"]
-    return c | dict(use_sliding_window=False, layer_types=["full_attention"] * cfg.n_layers)
-
-
-def gpt_neox_config(cfg: ModelConfig, facts: dict) -> dict:
-    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
-                num_attention_heads=cfg.n_heads, intermediate_size=cfg.d_mlp, hidden_act=NEOX_ACT[cfg.mlp],
-                max_position_embeddings=cfg.max_seq_len, layer_norm_eps=cfg.norm_eps,
-                tie_word_embeddings=cfg.tie_embeddings, use_parallel_residual=cfg.parallel_residual,
-                attention_bias=cfg.qkv_bias, rope_parameters=_rope(cfg, True), initializer_range=cfg.init_std)
-
-
-def _ssm_common(cfg: ModelConfig, m) -> dict:
-    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, state_size=m.d_state,
-                num_hidden_layers=cfg.n_layers, layer_norm_epsilon=cfg.norm_eps, expand=int(m.expand),
-                conv_kernel=m.d_conv, use_bias=m.proj_bias, use_conv_bias=m.conv_bias, time_step_min=m.dt_min,
-                time_step_max=m.dt_max, time_step_floor=m.dt_init_floor, tie_word_embeddings=cfg.tie_embeddings,
-                residual_in_fp32=True, initializer_range=cfg.init_std)
-
-
-def mamba_config(cfg: ModelConfig, facts: dict) -> dict:
-    m = cfg.mamba
-    return _ssm_common(cfg, m) | dict(time_step_rank=m.dt_rank or math.ceil(cfg.d_model / 16))
-
-
-def mamba2_config(cfg: ModelConfig, facts: dict) -> dict:
-    m = cfg.mamba2
-    d_inner = int(m.expand * cfg.d_model)
-    return _ssm_common(cfg, m) | dict(num_heads=d_inner // m.head_dim, head_dim=m.head_dim, n_groups=m.n_groups,
-                                      chunk_size=m.chunk_size, time_step_limit=(0.0, float("inf")))
-
-
-def bamba_config(cfg: ModelConfig, facts: dict) -> dict:
-    m = cfg.mamba2
-    d_inner = int(m.expand * cfg.d_model)
-    return dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, hidden_size=cfg.d_model,
-                intermediate_size=cfg.d_mlp, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                num_key_value_heads=cfg.kv_heads, head_dim=cfg.attn_head_dim, hidden_act="silu",
-                rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_seq_len,
-                attn_layer_indices=[i for i, s in enumerate(cfg.layer_symbols) if s == "*"],
-                mamba_n_heads=d_inner // m.head_dim, mamba_d_head=m.head_dim, mamba_n_groups=m.n_groups,
-                mamba_d_state=m.d_state, mamba_d_conv=m.d_conv, mamba_expand=int(m.expand),
-                mamba_chunk_size=m.chunk_size, mamba_conv_bias=m.conv_bias, mamba_proj_bias=m.proj_bias,
-                time_step_limit=(0.0, float("inf")), rope_parameters=_rope(cfg, True),
-                attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, initializer_range=cfg.init_std)
-
-
-def remote_config(cfg: ModelConfig, facts: dict) -> dict:
-    model_section = config_to_dict(Config(model=cfg))["model"]
-    return dict(megaxatl_model=model_section, mamba2_norm_eps=facts.get("mamba2_norm_eps") or 1e-5,
-                tie_word_embeddings=cfg.tie_embeddings,
-                auto_map={"AutoConfig": "configuration_megaxatl.MegaxatlConfig",
-                          "AutoModelForCausalLM": "modeling_megaxatl.MegaxatlForCausalLM"})
-
-
-@dataclass(frozen=True)
-class Arch:
-    name: str
-    hf_class: str
-    model_type: str
-    fits: Callable[[ModelConfig, dict], list[str]]  # reasons it is not an exact match ([] = it is)
-    hf_config: Callable[[ModelConfig, dict], dict]
-    keys: KeyTable
-
-    @property
-    def remote(self) -> bool:
-        return self.model_type == "megaxatl"
-
-
-ARCHS = (
-    Arch("llama", "LlamaForCausalLM", "llama", fits_llama, llama_config, LLAMA_KEYS),
-    Arch("qwen2", "Qwen2ForCausalLM", "qwen2", fits_qwen2, qwen2_config, LLAMA_KEYS),
-    Arch("gpt_neox", "GPTNeoXForCausalLM", "gpt_neox", fits_gpt_neox, gpt_neox_config, GPT_NEOX_KEYS),
-    Arch("mamba", "MambaForCausalLM", "mamba", fits_mamba, mamba_config, MAMBA_KEYS),
-    Arch("mamba2", "Mamba2ForCausalLM", "mamba2", fits_mamba2, mamba2_config, MAMBA2_KEYS),
-    Arch("bamba", "BambaForCausalLM", "bamba", fits_bamba, bamba_config, BAMBA_KEYS),
-    Arch("remote", "MegaxatlForCausalLM", "megaxatl", lambda cfg, facts: [], remote_config, REMOTE_KEYS),
-)
-ARCH_NAMES = tuple(a.name for a in ARCHS)
 
 
 def model_facts(cfg: ModelConfig) -> dict:
@@ -405,7 +114,7 @@ def choose_arch(cfg: ModelConfig, facts: dict, name: str = "auto") -> Arch:
     """The first exact stock match (or the named one, which must fit), else remote code."""
     if name == "auto":
         return next(a for a in ARCHS if not a.fits(cfg, facts))
-    arch = next((a for a in ARCHS if a.name == name), None)
+    arch = arch_named(name)
     if arch is None:
         raise ExportError(f"unknown architecture {name!r}; known: auto, {', '.join(ARCH_NAMES)}")
     reasons = arch.fits(cfg, facts)
@@ -495,7 +204,7 @@ def export_hf(model_dir: str | Path, out: str | Path, overwrite: bool = False, a
     V = cfg.vocab_size
     pad = {k: state[k][V:].contiguous() for k in HEAD_ROWS if k in state and state[k].shape[0] > V}
     body = {k: (v[:V] if k in HEAD_ROWS else v).contiguous() for k, v in state.items()}
-    tensors = to_hf_keys(body, cfg, chosen.keys, f"{model_dir} -> {chosen.hf_class}")
+    tensors = to_hf_keys(body, cfg, chosen, facts, f"{model_dir} -> {chosen.hf_class}")
     tok_dir = model_dir / "tokenizer"
     tok_dir = tok_dir if tok_dir.is_dir() else None
     tok_files = _tokenizer_files(tok_dir) if tok_dir else []
@@ -599,7 +308,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, overwrite: bool = False) -> s
     if sidecar.get("format") != FORMAT or sidecar.get("version") != VERSION:
         raise ExportError(f"{hf_dir / SIDECAR}: format {sidecar.get('format')!r} version {sidecar.get('version')!r}, "
                           f"expected {FORMAT!r} version {VERSION}")
-    arch = next((a for a in ARCHS if a.name == sidecar.get("arch")), None)
+    arch = arch_named(sidecar.get("arch"))
     if arch is None:
         raise ExportError(f"{hf_dir / SIDECAR}: unknown arch {sidecar.get('arch')!r}")
     if hf_config.get("model_type") != arch.model_type:
@@ -608,7 +317,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, overwrite: bool = False) -> s
     meta = sidecar.get("meta") or {}
     cfg = config_from_dict(meta.get("config", {}), f"{hf_dir / SIDECAR}: meta.config").model
     facts = model_facts(cfg)
-    state = from_hf_keys(read_hf_weights(hf_dir), cfg, arch.keys, str(hf_dir))
+    state = from_hf_keys(read_hf_weights(hf_dir), cfg, arch, facts, hf_dir)
     if (hf_dir / PAD_FILE).is_file():
         for k, rows in _read_safetensors(hf_dir / PAD_FILE).items():
             if k not in state or rows.dtype != state[k].dtype:
@@ -645,8 +354,6 @@ def _import_foreign(hf_dir: Path, out: str | Path, overwrite: bool) -> str:
         raise ExportError(f"not a megaxatl export (no {SIDECAR}) and not a readable stock model: {e}") from None
     with donor:
         spec = donor.spec
-        if spec.has_pos_embed:
-            raise ExportError(f"{hf_dir}: {spec.family} uses learned absolute positions, which megaxatl models lack")
         cfg_dict = {"model": model_dict_from_donor(spec, "*" * spec.n_layers)}
         config = config_from_dict(cfg_dict, f"{hf_dir / 'config.json'}")
         state = donor.state_dict()

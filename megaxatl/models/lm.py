@@ -1,7 +1,9 @@
 """The decoder LM: embedding -> blocks from the pattern -> final norm -> LM head.
 
 A plain single-device `nn.Module` (forward(input_ids) -> logits); parallelism is applied to it
-afterwards (megaxatl/parallel), torchtitan style.
+afterwards (megaxatl/parallel), torchtitan style. What some donors add around the blocks, each
+off by default: a constant embedding scale (Gemma), a learned position embedding (GPT-2), a
+logit scale and tanh soft-capping of the logits (Gemma-2).
 """
 
 from __future__ import annotations
@@ -24,15 +26,54 @@ from megaxatl.models.params import mark_no_decay
 RESIDUAL_OUT = ("o_proj", "out_proj", "down_proj")
 
 
+class TokenEmbedding(nn.Embedding):
+    """nn.Embedding whose rows are multiplied by `scale` (Gemma: sqrt(d_model)), the constant
+    rounded to float32 and then to the weights' dtype, as Gemma's reference does."""
+
+    def __init__(self, num: int, dim: int, scale: float = 1.0):
+        super().__init__(num, dim)
+        self.scale = scale
+
+    def scaled(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.scale == 1.0:
+            return rows
+        return rows * torch.tensor(self.scale, dtype=torch.float32).to(self.weight.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.scaled(super().forward(ids))
+
+
+class LMCache(list):
+    """Per-layer decode caches (list order = layers) and `pos`: the tokens already folded in."""
+
+    def __init__(self, layers=(), pos: int = 0):
+        super().__init__(layers)
+        self.pos = pos
+
+
+def project_logits(cfg: ModelConfig, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden @ weight^T, then the logit scale and the final soft-cap (elementwise, so a vocab
+    shard of the logits gets the same treatment as the whole)."""
+    out = F.linear(hidden, weight)
+    if cfg.logit_scale != 1.0:
+        out = out * cfg.logit_scale
+    if cfg.final_softcap is not None:
+        out = torch.tanh(out / cfg.final_softcap) * cfg.final_softcap
+    return out
+
+
 class LM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         vocab = cfg.padded_vocab_size
-        self.embed = nn.Embedding(vocab, cfg.d_model)
+        self.embed = TokenEmbedding(vocab, cfg.d_model, cfg.embed_scale)
         mark_no_decay(self.embed.weight)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_embed else None
+        if self.pos_embed is not None:
+            mark_no_decay(self.pos_embed.weight)
         self.layers = nn.ModuleList(Block(s, cfg) for s in cfg.layer_symbols)
-        self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, vocab, bias=False)
         self.gradient_checkpointing = False
         self.init_weights()
@@ -45,6 +86,8 @@ class LM(nn.Module):
         """
         std = self.cfg.init_std
         nn.init.normal_(self.embed.weight, std=std)
+        if self.pos_embed is not None:
+            nn.init.normal_(self.pos_embed.weight, std=std)
         if self.lm_head is not None:
             nn.init.normal_(self.lm_head.weight, std=std)
         for name, module in self.layers.named_modules():
@@ -61,14 +104,25 @@ class LM(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
-    def empty_cache(self, batch: int, device=None, dtype=None) -> list:
+    def empty_cache(self, batch: int, device=None, dtype=None) -> LMCache:
         p = self.embed.weight
-        return [layer.empty_cache(batch, device or p.device, dtype or p.dtype) for layer in self.layers]
+        return LMCache(layer.empty_cache(batch, device or p.device, dtype or p.dtype) for layer in self.layers)
+
+    def add_positions(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """x (B, L, D) at positions start .. start + L - 1, plus the learned position embedding."""
+        if self.pos_embed is None:
+            return x
+        end = start + x.shape[1]
+        if end > self.cfg.max_seq_len:
+            raise ValueError(f"position {end - 1} is past the learned position embedding's "
+                             f"model.max_seq_len {self.cfg.max_seq_len} rows")
+        return x + self.pos_embed(torch.arange(start, end, device=x.device))
 
     def hidden_states(self, input_ids: torch.Tensor, cache: list | None = None):
         """input_ids: (B, L) -> final-normed hidden (B, L, D) and the updated cache (or None)."""
-        x = self.embed(input_ids)
-        new_cache = [] if cache is not None else None
+        start = getattr(cache, "pos", 0)
+        x = self.add_positions(self.embed(input_ids), start)
+        new_cache = LMCache(pos=start + input_ids.shape[1]) if cache is not None else None
         for i, layer in enumerate(self.layers):
             if cache is not None:
                 x, c = layer(x, cache[i])
@@ -80,7 +134,7 @@ class LM(nn.Module):
         return self.norm_f(x), new_cache
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = F.linear(hidden, self.head_weight)
+        out = project_logits(self.cfg, hidden, self.head_weight)
         # padded vocab rows exist for TP / kernels only; they are never predicted
         return out[..., : self.cfg.vocab_size] if out.shape[-1] != self.cfg.vocab_size else out
 

@@ -10,15 +10,20 @@ from megaxatl.models.params import mark_no_decay
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
+    """RMSNorm over the last dim. unit_offset: Gemma's convention, scaling by (1 + weight) in fp32
+    before the cast back (its weights are stored that way and start at 0)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, unit_offset: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = mark_no_decay(nn.Parameter(torch.ones(dim)))
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = mark_no_decay(nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 statistics, as Llama's reference does, then cast back before the weight.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
@@ -32,9 +37,11 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
-def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+def make_norm(kind: str, dim: int, eps: float, unit_offset: bool = False) -> nn.Module:
     if kind == "rmsnorm":
-        return RMSNorm(dim, eps)
+        return RMSNorm(dim, eps, unit_offset)
+    if unit_offset:
+        raise ValueError(f"norm '{kind}' has no unit-offset form")
     if kind == "layernorm":
         return LayerNorm(dim, eps)
     raise ValueError(f"unknown norm '{kind}'")

@@ -36,7 +36,7 @@ class Retention(LinearAttnMixer):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, rotary_pct: float,
                  rope_theta: float, qkv_bias: bool = False, out_bias: bool = False, form: str = "chunk",
                  chunk_size: int = 64, decay_base: float = 5.0, decay_span: float | None = None,
-                 gate: bool = True, norm_eps: float = 1e-5):
+                 gate: bool = True, norm_eps: float = 1e-5, rope_scaling=None, max_seq_len: int = 2048):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.form, self.chunk_size, self.norm_eps = form, chunk_size, norm_eps
@@ -46,7 +46,7 @@ class Retention(LinearAttnMixer):
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
         self.g_proj = nn.Linear(d_model, n_heads * head_dim, bias=False) if gate else None
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=out_bias)
-        self.rotary = Rotary(int(head_dim * rotary_pct), rope_theta)
+        self.rotary = Rotary(int(head_dim * rotary_pct), rope_theta, rope_scaling, max_seq_len)
 
     def log_decay(self, device=None) -> torch.Tensor:
         return retention_log_decay(self.n_heads, self.decay_base, self.decay_span, device)

@@ -29,7 +29,8 @@ from megaxatl.parallel.stages import stage_bounds
 
 
 class PipeEmbedding(nn.Module):
-    """input_ids (B, L) -> hidden (B, L, D) (vocab-parallel under TP)."""
+    """input_ids (B, L) -> hidden (B, L, D) (vocab-parallel under TP; the module applies the
+    embedding scale)."""
 
     def __init__(self, embed: nn.Embedding):
         super().__init__()
@@ -109,6 +110,9 @@ def build_pipeline(lm, topology, loss_fn: Callable | None = None):
     from deepspeed.pipe import PipelineModule, TiedLayerSpec
 
     pp = topology.get_dim("pipe")
+    if lm.pos_embed is not None:  # the stage-0 spec is the token embedding alone
+        raise ValueError("pipeline parallelism: the learned position embedding (model.pos_embed) is not staged; "
+                         "use pp=1")
     bounds = stage_bounds(lm.cfg, pp)
     tied = lm.lm_head is None
     specs: list = []

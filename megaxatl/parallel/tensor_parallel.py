@@ -54,7 +54,7 @@ from torch import nn
 
 from megaxatl.models.attention import Attention
 from megaxatl.models.gla import GLA
-from megaxatl.models.lm import LM, RESIDUAL_OUT
+from megaxatl.models.lm import LM, RESIDUAL_OUT, TokenEmbedding, project_logits
 from megaxatl.models.mamba import Mamba
 from megaxatl.models.mamba2 import Mamba2
 from megaxatl.models.mlp import MLP
@@ -120,9 +120,10 @@ class ReducedRowLinear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
-class VocabParallelEmbedding(nn.Embedding):
+class VocabParallelEmbedding(TokenEmbedding):
     """weight (V / tp, D) rows [vocab_start, vocab_start + V/tp); other ids read zeros, summed
-    (reduce-scattered along the sequence with sequence parallelism)."""
+    (reduce-scattered along the sequence with sequence parallelism); the embedding scale applies
+    to each rank's rows before the sum."""
 
     def forward(self, ids):
         if self.tp_sp.active:  # the first op of a forward: fail here, naming L and tp
@@ -130,7 +131,7 @@ class VocabParallelEmbedding(nn.Embedding):
         n = self.weight.shape[0]
         outside = (ids < self.vocab_start) | (ids >= self.vocab_start + n)
         out = F.embedding((ids - self.vocab_start).masked_fill(outside, 0), self.weight)
-        out = out.masked_fill(outside[..., None], 0.0)
+        out = self.scaled(out.masked_fill(outside[..., None], 0.0))
         return reduce_scatter_seq(out, self.tp_group) if self.tp_sp.active else reduce_from(out, self.tp_group)
 
 
@@ -196,7 +197,7 @@ def head_logits(lm, hidden, weight):
     if getattr(lm, "tp_size", 1) > 1:
         sp = getattr(lm, "tp_sp", None)
         hidden = gather_seq(hidden, lm.tp_group) if sp is not None and sp.active else copy_to(hidden, lm.tp_group)
-    return F.linear(hidden, weight)
+    return project_logits(lm.cfg, hidden, weight)
 
 
 class TensorParallelLM(LM):
@@ -327,6 +328,17 @@ def _sequence_replicated(model: LM, rules) -> set[str]:
     return out
 
 
+def _check_splittable(cfg, tp: int, sequence_parallel: bool) -> None:
+    """What these TP regions cannot split (refused before anything changes)."""
+    if tp > 1 and cfg.qk_norm == "full":
+        # the statistics span every head, and the heads are split over the ranks
+        raise ValueError("tensor parallelism: model.qk_norm 'full' (OLMo-2) normalises q / k over all heads at once, "
+                         "which TP splits over ranks; use tp=1")
+    if sequence_parallel and cfg.pos_embed:
+        raise ValueError("sequence parallelism: the learned position embedding (model.pos_embed) is added before the "
+                         "sequence split; use sequence_parallel false")
+
+
 def apply_tensor_parallel(model: LM, tp_group, sequence_parallel: bool = False) -> LM:
     """Shard `model` (a plain LM, identical on every rank of `tp_group`) in place; returns it.
     sequence_parallel: split the activations between regions along the sequence (needs tp > 1)."""
@@ -334,6 +346,7 @@ def apply_tensor_parallel(model: LM, tp_group, sequence_parallel: bool = False) 
     if sequence_parallel and tp == 1:
         raise ValueError("sequence parallelism needs a tensor-parallel group of more than one rank (tp > 1)")
     rules = model_rules(model)  # raises on a parameter without a rule, before anything changes
+    _check_splittable(model.cfg, tp, sequence_parallel)
     seq_replicated = _sequence_replicated(model, rules) if sequence_parallel else set()
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     _split("the padded vocab", model.cfg.padded_vocab_size, tp, "rows")

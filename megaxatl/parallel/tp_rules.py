@@ -65,7 +65,16 @@ def _heads(H: int, KV: int) -> dict[str, Rule]:
 
 
 def attention_rules(m: Attention) -> dict[str, Rule]:
-    return _heads(m.n_heads, m.n_kv_heads)
+    """A per-head q/k norm (one (hd,) weight for all heads) serves every rank's heads: replicated,
+    gradients summed; a norm over the whole projection follows its heads (tensor_parallel.py
+    refuses to split its statistics)."""
+    if m.qk_norm == "full":
+        norms = {"q_norm.weight": Shard(0, units=(m.n_heads,)), "k_norm.weight": Shard(0, units=(m.n_kv_heads,))}
+        norms |= {"q_norm.bias": norms["q_norm.weight"], "k_norm.bias": norms["k_norm.weight"]}
+    else:
+        shared = Replicate(sync_grad=True)
+        norms = {f"{n}_norm.{kind}": shared for n in "qk" for kind in ("weight", "bias")}
+    return {**_heads(m.n_heads, m.n_kv_heads), **norms}
 
 
 def retention_rules(m: Retention) -> dict[str, Rule]:
@@ -111,8 +120,9 @@ def norm_rules(m: nn.Module) -> dict[str, Rule]:
 
 
 def lm_rules(m: LM) -> dict[str, Rule]:
-    """Vocab-parallel embedding and LM head (padded vocab rows split on dim 0)."""
-    return {"embed.weight": COLUMN, "lm_head.weight": COLUMN}
+    """Vocab-parallel embedding and LM head (padded vocab rows split on dim 0); the learned position
+    embedding is added to the whole (replicated) stream."""
+    return {"embed.weight": COLUMN, "lm_head.weight": COLUMN, "pos_embed.weight": REPLICATED}
 
 
 TABLES: dict[type, Callable[[nn.Module], dict[str, Rule]]] = {
@@ -135,16 +145,20 @@ def model_rules(model: nn.Module) -> dict[str, Rule]:
         raise ValueError("model_rules reads a plain model; this one is already tensor-parallel (use model.tp_rules)")
     params = dict(model.named_parameters())
     rules: dict[str, Rule] = {}
-    for prefix, module in model.named_modules():
+    by_owner: set[str] = set()  # set by an enclosing module's table (an attention's q/k norm)
+    for prefix, module in model.named_modules():  # parents before their submodules
         table = _table_for(module)
         if table is None:
             continue
         for local, rule in table(module).items():
             name = f"{prefix}.{local}" if prefix else local
-            if name in params:
-                if name in rules and rules[name] != rule:
-                    raise ValueError(f"parameter '{name}' has two TP rules: {rules[name]} and {rule}")
-                rules[name] = rule
+            if name not in params or name in by_owner:
+                continue
+            if name in rules and rules[name] != rule:
+                raise ValueError(f"parameter '{name}' has two TP rules: {rules[name]} and {rule}")
+            rules[name] = rule
+            if "." in local:  # a submodule's parameter: its owner's table decides
+                by_owner.add(name)
     missing = [n for n in params if n not in rules]
     if missing:
         raise KeyError(f"no tensor-parallel rule for parameter(s) {missing}: add them to megaxatl/parallel/tp_rules.py")

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from megaxatl.config.pattern import ATTENTION_SYMBOLS
 from megaxatl.config.schema import Config
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s per device, from vendor datasheets.
@@ -55,7 +56,7 @@ def flops_per_token(cfg: Config) -> float:
     if model.lm_head is None:  # tied: the head matmul still happens
         n_matmul += model.embed.weight.numel()
     symbols = m.layer_symbols
-    n_attn = symbols.count("*")
+    n_attn = sum(s in ATTENTION_SYMBOLS for s in symbols)  # a window's mask still forms every score
     flops = 6.0 * n_matmul
     flops += 12.0 * n_attn * m.n_heads * m.attn_head_dim * cfg.data.seq_len / 2
     flops += 27.0 * symbols.count("M") * int(m.mamba.expand * m.d_model) * m.mamba.d_state

@@ -13,19 +13,35 @@ from megaxatl.transfer.plan import check_shapes, make_plan
 from megaxatl.transfer.report import TransferReport, build_report
 
 
-def model_dict_from_donor(spec, pattern: str, **overrides) -> dict:
+def model_dict_from_donor(spec, pattern: str, layer_map: list[int] | None = None, **overrides) -> dict:
     """The `model` config section that reproduces the donor's blocks, with `pattern` mixers.
 
-    An all-attention pattern gives the donor itself (the parity check); `overrides` set the rest
-    (mamba sizes, fewer layers, vocab padding).
+    An all-attention pattern gives the donor itself (the parity check): each '*' becomes the
+    attention kind of the donor layer it takes (layer_map, default evenly spaced): '*' full or
+    'W' sliding window. `overrides` set the rest (mamba sizes, fewer layers, vocab padding).
     """
+    from megaxatl.transfer.plan import default_layer_map
+
+    symbols = [c for c in pattern if c != "|"]
+    lmap = layer_map if layer_map is not None else default_layer_map(len(symbols), spec.n_layers)
+    if len(lmap) == len(symbols):  # else make_plan names the mismatch
+        attn = iter(spec.attention_symbol(j) for s, j in zip(symbols, lmap) if s == "*")
+        pattern = "".join(next(attn) if c == "*" else c for c in pattern)
     m = dict(
-        vocab_size=spec.vocab_size, d_model=spec.d_model, n_layers=len(pattern.replace("|", "")), pattern=pattern,
+        vocab_size=spec.vocab_size, d_model=spec.d_model, n_layers=len(symbols), pattern=pattern,
         norm=spec.norm, norm_eps=spec.norm_eps, mlp=spec.mlp, d_mlp=spec.d_mlp, mlp_bias=spec.mlp_bias,
         parallel_residual=spec.parallel_residual, tie_embeddings=spec.tie_embeddings, n_heads=spec.n_heads,
         n_kv_heads=spec.n_kv_heads, head_dim=spec.head_dim, rotary_pct=spec.rotary_pct, rope_theta=spec.rope_theta,
         qkv_bias=spec.qkv_bias, attn_out_bias=spec.attn_out_bias, max_seq_len=spec.max_seq_len,
+        norm_placement=spec.norm_placement, norm_unit_offset=spec.norm_unit_offset, embed_scale=spec.embed_scale,
+        pos_embed=spec.has_pos_embed, logit_scale=spec.logit_scale, final_softcap=spec.final_softcap,
+        qk_norm=spec.qk_norm, attn_scale=spec.attn_scale, attn_softcap=spec.attn_softcap,
     )
+    if spec.rope_scaling is not None:
+        m["rope_scaling"] = dict(spec.rope_scaling)
+    if spec.sliding_window is not None:
+        m["local_attention"] = {"window": spec.sliding_window, "rope_theta": spec.local_rope_theta,
+                                "rope_scaling": None if spec.local_rope_scaling is None else dict(spec.local_rope_scaling)}
     m.update(overrides)
     return m
 

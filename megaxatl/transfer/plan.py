@@ -28,8 +28,8 @@ from typing import Callable
 
 import torch
 
-from megaxatl.config.schema import ModelConfig
-from megaxatl.config.pattern import MIXERS
+from megaxatl.config.schema import GATED_MLPS, ModelConfig, RopeScalingConfig
+from megaxatl.config.pattern import ATTENTION_SYMBOLS, MIXERS
 
 COPIES_MLP = {"emb+norm+mlp+oproj", "emb+norm+mlp", "attn-init"}
 COPIES_OPROJ = {"emb+norm+mlp+oproj", "attn-init"}
@@ -92,6 +92,15 @@ def check_compatible(spec, cfg: ModelConfig, mode: str) -> list[str]:
     need(cfg.vocab_size == spec.vocab_size, "vocab_size (the target uses the donor's tokenizer)",
          f"model.vocab_size={cfg.vocab_size}", spec.vocab_size)
     need(cfg.norm == spec.norm, "norm", f"model.norm={cfg.norm!r}", repr(spec.norm))
+    # the copied norms mean what they meant to the donor only where it had them, in its convention
+    need(cfg.norm_placement == spec.norm_placement, "norm placement", f"model.norm_placement={cfg.norm_placement!r}",
+         repr(spec.norm_placement))
+    need(cfg.norm_unit_offset == spec.norm_unit_offset, "(1 + weight) norm convention",
+         f"model.norm_unit_offset={cfg.norm_unit_offset}", spec.norm_unit_offset)
+    if cfg.pos_embed:
+        need(spec.has_pos_embed, "learned position embedding", "model.pos_embed=true", "absent")
+        need(cfg.max_seq_len == spec.max_seq_len, "position embedding rows (max_seq_len)",
+             f"model.max_seq_len={cfg.max_seq_len}", spec.max_seq_len)
     symbols = cfg.layer_symbols
     if mode in COPIES_MLP:
         need(cfg.mlp == spec.mlp, "MLP", f"model.mlp={cfg.mlp!r}", repr(spec.mlp))
@@ -103,7 +112,10 @@ def check_compatible(spec, cfg: ModelConfig, mode: str) -> list[str]:
              f"model.n_heads * head_dim={cfg.n_heads * cfg.attn_head_dim}", spec.n_heads * spec.head_dim)
         need(cfg.attn_out_bias == spec.attn_out_bias, "output-projection bias",
              f"model.attn_out_bias={cfg.attn_out_bias}", spec.attn_out_bias)
-    if "*" in symbols or (lin_attn and mode == "attn-init"):
+    has_attn = any(s in ATTENTION_SYMBOLS for s in symbols)
+    if has_attn:
+        need(cfg.qk_norm == spec.qk_norm, "q/k norm", f"model.qk_norm={cfg.qk_norm!r}", repr(spec.qk_norm))
+    if has_attn or (lin_attn and mode == "attn-init"):
         need(cfg.n_heads == spec.n_heads, "n_heads", f"model.n_heads={cfg.n_heads}", spec.n_heads)
         need(cfg.kv_heads == spec.n_kv_heads, "KV heads", f"model.n_kv_heads={cfg.kv_heads}", spec.n_kv_heads)
         need(cfg.attn_head_dim == spec.head_dim, "head_dim", f"model.head_dim={cfg.attn_head_dim}", spec.head_dim)
@@ -112,10 +124,21 @@ def check_compatible(spec, cfg: ModelConfig, mode: str) -> list[str]:
              f"model.attn_out_bias={cfg.attn_out_bias}", spec.attn_out_bias)
     warnings = []
     rotates_qk = "*" in symbols or ("R" in symbols and mode == "attn-init")
-    if rotates_qk and (cfg.rotary_pct != spec.rotary_pct or cfg.rope_theta != spec.rope_theta):
-        warnings.append(f"attention / retention layers use rotary_pct={cfg.rotary_pct}, rope_theta={cfg.rope_theta} "
-                        "but the donor "
-                        f"was trained with {spec.rotary_pct}, {spec.rope_theta}")
+    donor_scaling = RopeScalingConfig(**spec.rope_scaling) if spec.rope_scaling else RopeScalingConfig()
+    if rotates_qk and (cfg.rotary_pct, cfg.rope_theta, cfg.rope_scaling) != (spec.rotary_pct, spec.rope_theta,
+                                                                             donor_scaling):
+        warnings.append(f"attention / retention layers use rotary_pct={cfg.rotary_pct}, rope_theta={cfg.rope_theta}, "
+                        f"rope_scaling {cfg.rope_scaling.type!r} but the donor was trained with {spec.rotary_pct}, "
+                        f"{spec.rope_theta}, {donor_scaling.type!r}")
+    for key, ours, theirs in (("attn_scale", cfg.attn_scale, spec.attn_scale),
+                              ("attn_softcap", cfg.attn_softcap, spec.attn_softcap)):
+        if has_attn and ours != theirs:
+            warnings.append(f"model.{key}={ours} differs from the donor's {theirs}")
+    for key, ours, theirs in (("embed_scale", cfg.embed_scale, spec.embed_scale),
+                              ("logit_scale", cfg.logit_scale, spec.logit_scale),
+                              ("final_softcap", cfg.final_softcap, spec.final_softcap)):
+        if ours != theirs:
+            warnings.append(f"model.{key}={ours} differs from the donor's {theirs} (the copied embedding / head)")
     if mode == "attn-init":
         for sym, sub in (("R", cfg.retention), ("G", cfg.gla)):
             if sym in symbols and sub.n_heads not in (None, spec.n_heads):
@@ -144,12 +167,15 @@ def _mixer_copies(i: int, j: int, symbol: str, spec, cfg: ModelConfig, mode: str
     tgt, src = f"layers.{i}.mixer", f"layers.{j}.mixer"
     kind = MIXERS[symbol]
     out: list[Copy] = []
-    if kind == "attention":
+    if symbol in ATTENTION_SYMBOLS:
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             out.append(Copy(f"{tgt}.{name}.weight", f"{src}.{name}.weight", "attention"))
             bias = spec.attn_out_bias if name == "o_proj" else spec.qkv_bias
             if bias:
                 out.append(Copy(f"{tgt}.{name}.bias", f"{src}.{name}.bias", "attention"))
+        if spec.qk_norm != "none":
+            params = ["weight"] + (["bias"] if spec.norm == "layernorm" else [])
+            out += [Copy(f"{tgt}.{n}.{p}", f"{src}.{n}.{p}", "attention") for n in ("q_norm", "k_norm") for p in params]
         return out
     if kind in ("retention", "gla"):
         if mode in COPIES_OPROJ:
@@ -220,7 +246,10 @@ def make_plan(spec, cfg: ModelConfig, target_shapes: dict[str, tuple], donor_key
     if bad:
         raise TransferError(f"transfer.layer_map names donor layer {bad[0]} but the donor has {spec.n_layers} layers")
 
+    _check_attention_kinds(spec, cfg, symbols, lmap)
     copies = [Copy("embed.weight", "embed.weight", "embedding", (slice(0, spec.vocab_size),))]
+    if "pos_embed.weight" in target_shapes:
+        copies.append(Copy("pos_embed.weight", "pos_embed.weight", "embedding"))
     if "lm_head.weight" in target_shapes:
         # an untied target takes the donor's head, or its embedding when the donor is tied
         src = "embed.weight" if spec.tie_embeddings else "lm_head.weight"
@@ -228,11 +257,11 @@ def make_plan(spec, cfg: ModelConfig, target_shapes: dict[str, tuple], donor_key
     norm_params = ["weight"] + (["bias"] if spec.norm == "layernorm" else [])
     copies += [Copy(f"norm_f.{p}", f"norm_f.{p}", "norm") for p in norm_params]
     for i, (s, j) in enumerate(zip(symbols, lmap)):
-        for n in ("norm1", "norm2"):
+        for n in ("norm1", "post_norm1", "norm2", "post_norm2"):
             if f"layers.{i}.{n}.weight" in target_shapes:
                 copies += [Copy(f"layers.{i}.{n}.{p}", f"layers.{j}.{n}.{p}", "norm") for p in norm_params]
         if mode in COPIES_MLP and f"layers.{i}.mlp.up_proj.weight" in target_shapes:
-            names = ["up_proj", "down_proj"] + (["gate_proj"] if spec.mlp == "swiglu" else [])
+            names = ["up_proj", "down_proj"] + (["gate_proj"] if spec.mlp in GATED_MLPS else [])
             for n in names:
                 copies.append(Copy(f"layers.{i}.mlp.{n}.weight", f"layers.{j}.mlp.{n}.weight", "mlp"))
                 if spec.mlp_bias:
@@ -251,6 +280,30 @@ def make_plan(spec, cfg: ModelConfig, target_shapes: dict[str, tuple], donor_key
     return Plan(mode, lmap, copies, dropped, warnings)
 
 
+def _check_attention_kinds(spec, cfg: ModelConfig, symbols: list[str], lmap: list[int]) -> None:
+    """A kept attention layer attends as the donor layer it copies: a full layer from a full one,
+    a window from a window of the same size, with the same RoPE."""
+    local = cfg.local_attention
+    for i, (s, j) in enumerate(zip(symbols, lmap)):
+        if s not in ATTENTION_SYMBOLS:
+            continue
+        theirs = spec.attention_symbol(j)
+        if s != theirs:
+            what = f"sliding-window (window {spec.sliding_window})" if theirs == "W" else "full"
+            raise TransferError(f"target layer {i} is '{s}' but donor layer {j} is {what} attention: use '{theirs}' "
+                                "in model.pattern")
+        if s == "W":
+            if local.window != spec.sliding_window:
+                raise TransferError(f"donor sliding window is {spec.sliding_window} but the target config has "
+                                    f"model.local_attention.window={local.window}")
+            theta, scaling = cfg.rope_of("W")
+            want_theta, want = spec.local_rope()
+            want_scaling = RopeScalingConfig(**want) if want else RopeScalingConfig()
+            if (theta, scaling) != (want_theta, want_scaling):
+                raise TransferError(f"donor sliding layers use RoPE base {want_theta} / {want_scaling.type!r} but the "
+                                    f"target's 'W' layers have {theta} / {scaling.type!r} (model.local_attention)")
+
+
 def _drop_reason(key: str, mode: str, lmap: list[int], spec, lin_attn_src: set[int] = frozenset()) -> str:
     if key == "pos_embed.weight":
         return "learned position embedding: the target has no absolute positions"
@@ -267,8 +320,8 @@ def _drop_reason(key: str, mode: str, lmap: list[int], spec, lin_attn_src: set[i
         if int(parts[1]) in lin_attn_src and mode != "attn-init":
             return f"mode '{mode}' does not copy Q/K/V into retention / GLA (attn-init does)"
         return "attention projection with no counterpart in the target's mixer"
-    if ".norm2." in key:
-        return "the target block has no second norm (no MLP)"
+    if ".norm2." in key or ".post_norm2." in key:
+        return "the target block has no MLP norm (no MLP)"
     return "no counterpart in the target"
 
 

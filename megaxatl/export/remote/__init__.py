@@ -1,12 +1,12 @@
 """The code an exported remote-code folder ships: copied verbatim next to its weights.
 
-Both files import only torch and transformers (never megaxatl), so the folder loads anywhere with
+The files import only torch and transformers (never megaxatl), so the folder loads anywhere with
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
 """
 
 from pathlib import Path
 
-FILES = ("configuration_megaxatl.py", "modeling_megaxatl.py")
+FILES = ("configuration_megaxatl.py", "layers_megaxatl.py", "modeling_megaxatl.py")
 
 
 def template_dir() -> Path:

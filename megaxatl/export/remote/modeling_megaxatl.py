@@ -6,12 +6,15 @@ imports only torch and transformers. Parameter names are megaxatl's own under `m
 head is `lm_head.weight`, absent when tied), so `megaxatl import-hf` maps them back one to one.
 
 Every block is: x + mixer(norm1(x)), then x + mlp(norm2(x)) (or GPT-NeoX's parallel form
-x + mixer(norm1(x)) + mlp(norm2(x))); a config without MLP has the mixer half only. One symbol
-of the config's `pattern` per block names its mixer:
+x + mixer(norm1(x)) + mlp(norm2(x))), with the norms after the sublayers instead ('post') or on
+both sides ('sandwich') where the config says so; a config without MLP has the mixer half only.
+One symbol of the config's `pattern` per block names its mixer:
 
     *  softmax attention (partial rotary, GQA)     M  Mamba-1 selective SSM
-    S  Mamba-2 (SSD)                               R  retention (RetNet)
-    G  gated linear attention
+    W  sliding-window softmax attention            S  Mamba-2 (SSD)
+    R  retention (RetNet)                          G  gated linear attention
+
+The norms, MLPs, RoPE (with its scalings) and softmax attention are in layers_megaxatl.py.
 
 The scans here are the sequential reference recurrences (exact, O(L) per layer, not fused).
 `generate` carries each layer's state between steps (`MegaxatlState`: the Mamba conv tail and SSM
@@ -42,124 +45,8 @@ except ImportError:  # transformers 4
     _init = nn.init
 
 from .configuration_megaxatl import MegaxatlConfig
-
-_ACT = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
-
-
-class _Section:
-    """Attribute access over one section of the megaxatl model config, with its defaults."""
-
-    def __init__(self, values: dict | None, defaults: dict):
-        self.__dict__.update(defaults)
-        self.__dict__.update(values or {})
-
-
-_MODEL_DEFAULTS = dict(norm="layernorm", norm_eps=1e-5, mlp="gelu", d_mlp=0, mlp_bias=True, parallel_residual=False,
-                       tie_embeddings=False, pad_vocab_multiple=1, n_heads=1, n_kv_heads=None, head_dim=None,
-                       rotary_pct=1.0, rope_theta=10000.0, qkv_bias=False, attn_out_bias=False, init_std=0.02)
-_SSM_DEFAULTS = dict(d_state=16, d_conv=4, expand=2.0, conv_bias=True, proj_bias=False)
-_SECTION_DEFAULTS = {
-    "mamba": dict(_SSM_DEFAULTS, dt_rank=None),
-    "mamba2": dict(_SSM_DEFAULTS, d_state=64, head_dim=64, n_groups=1),
-    "retention": dict(n_heads=None, norm_eps=1e-5, decay_base=5.0, decay_span=None, gate=True),
-    "gla": dict(n_heads=None, norm_eps=1e-5, gate_low_rank_dim=16, gate_logit_normalizer=16.0),
-}
-
-
-def model_settings(config: MegaxatlConfig) -> _Section:
-    m = dict(config.megaxatl_model)
-    cfg = _Section({k: v for k, v in m.items() if k not in _SECTION_DEFAULTS}, _MODEL_DEFAULTS)
-    for name, defaults in _SECTION_DEFAULTS.items():
-        setattr(cfg, name, _Section(m.get(name), defaults))
-    cfg.kv_heads = cfg.n_kv_heads or cfg.n_heads
-    cfg.attn_head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
-    cfg.symbols = [c for c in cfg.pattern if c != "|"]
-    cfg.mamba2_norm_eps = config.mamba2_norm_eps
-    return cfg
-
-
-def lin_attn_heads(cfg: _Section, n_heads: int | None) -> tuple[int, int, int]:
-    """(heads, KV heads, head_dim) of a retention / GLA mixer: the attention heads unless the
-    mixer sets its own head count over the same attention width (then no GQA)."""
-    if n_heads is None:
-        return cfg.n_heads, cfg.kv_heads, cfg.attn_head_dim
-    return n_heads, n_heads, cfg.n_heads * cfg.attn_head_dim // n_heads
-
-
-# ---- norms, MLP, rotary ------------------------------------------------------------------------
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-class LayerNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
-
-
-def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
-    if kind == "rmsnorm":
-        return RMSNorm(dim, eps)
-    if kind == "layernorm":
-        return LayerNorm(dim, eps)
-    raise ValueError(f"unknown norm {kind!r}")
-
-
-class MLP(nn.Module):
-    """SwiGLU (down(silu(gate(x)) * up(x))) or a plain two-layer MLP."""
-
-    def __init__(self, d_model: int, d_mlp: int, kind: str, bias: bool):
-        super().__init__()
-        self.kind = kind
-        if kind == "swiglu":
-            self.gate_proj = nn.Linear(d_model, d_mlp, bias=bias)
-        elif kind not in _ACT:
-            raise ValueError(f"unknown mlp {kind!r}")
-        self.up_proj = nn.Linear(d_model, d_mlp, bias=bias)
-        self.down_proj = nn.Linear(d_mlp, d_model, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "swiglu":
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(_ACT[self.kind](self.up_proj(x)))
-
-
-def rotary_cos_sin(rot_dim: int, theta: float, seqlen: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: (L, rot_dim) fp32, Hugging Face's rotate_half layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.int64, device=device).float() / rot_dim))
-    freqs = torch.outer(torch.arange(seqlen, device=device).float(), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates x[..., :rot_dim] (rot_dim = cos.shape[-1]); cos / sin broadcast against x."""
-    r = cos.shape[-1]
-    if r == 0:
-        return x
-    xr, xp = x[..., :r], x[..., r:]
-    x1, x2 = xr[..., : r // 2], xr[..., r // 2:]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    xr = (xr.float() * cos + rotated.float() * sin).to(x.dtype)
-    return torch.cat((xr, xp), dim=-1) if xp.shape[-1] else xr
+from .layers_megaxatl import (MLP, Attention, LayerNorm, RMSNorm, _Section, apply_rotary, lin_attn_heads, make_norm,
+                              model_settings, real_positions, rope_of, rotary_at)
 
 
 def causal_depthwise_conv(x: torch.Tensor, conv: nn.Conv1d, state: dict | None = None,
@@ -176,61 +63,7 @@ def causal_depthwise_conv(x: torch.Tensor, conv: nn.Conv1d, state: dict | None =
     return F.silu(F.conv1d(xin, conv.weight, conv.bias, groups=x.shape[1]))
 
 
-def _real(mask: torch.Tensor | None, seqlen: int) -> torch.Tensor | None:
-    """(B, L, 1) fp32: 1 at the last L positions' real tokens, 0 at padding (None: no padding)."""
-    return None if mask is None else mask[:, -seqlen:, None].float()
-
-
-def _rotary_at(rot_dim: int, theta: float, offset: int, seqlen: int, device):
-    """cos, sin of positions offset .. offset + seqlen - 1."""
-    cos, sin = rotary_cos_sin(rot_dim, theta, offset + seqlen, device)
-    return cos[offset:], sin[offset:]
-
-
-# ---- mixers ----------------------------------------------------------------------------------
-
-class Attention(nn.Module):
-    def __init__(self, cfg: _Section):
-        super().__init__()
-        D, H, KV, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.attn_head_dim
-        self.n_heads, self.n_kv_heads, self.head_dim = H, KV, hd
-        self.rot_dim, self.theta = int(hd * cfg.rotary_pct), cfg.rope_theta
-        self.q_proj = nn.Linear(D, H * hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(D, KV * hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(D, KV * hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(H * hd, D, bias=cfg.attn_out_bias)
-
-    def forward(self, x: torch.Tensor, state: dict | None = None, offset: int = 0,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, L, D) at positions offset.. -> (B, L, D). state: the KV cache (updated). mask:
-        (B, offset + L), 0 at padding: no query attends to a padding key but its own."""
-        bsz, seqlen, _ = x.shape
-        q = self.q_proj(x).view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = _rotary_at(self.rot_dim, self.theta, offset, seqlen, x.device)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if state is not None:
-            if "k" in state:
-                k, v = torch.cat([state["k"], k], dim=2), torch.cat([state["v"], v], dim=2)
-            state["k"], state["v"] = k, v
-        rep = self.n_heads // self.n_kv_heads
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        past = k.shape[2] - seqlen
-        if past == 0 and mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # query i (position past + i) sees keys 0 .. past + i, padding ones left out
-            allowed = torch.ones(seqlen, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
-            if mask is not None:
-                # a padding query whose window holds only padding keeps its own key (no NaN)
-                own = torch.zeros_like(allowed)
-                rows = torch.arange(seqlen, device=x.device)
-                own[rows, past + rows] = True
-                allowed = (allowed & mask[:, None, None, -k.shape[2]:].bool()) | own
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        return self.o_proj(y.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim))
-
+# ---- recurrent mixers ------------------------------------------------------------------------
 
 class Mamba(nn.Module):
     """Mamba-1 (mamba-ssm layout): in_proj packs [x; z], depthwise causal conv, selective scan."""
@@ -252,7 +85,7 @@ class Mamba(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """state: the conv tail and SSM state h (updated). At padding (mask 0) the conv input is
         zero and dt = 0, so the state passes through unchanged."""
-        real = _real(mask, hidden.shape[1])
+        real = real_positions(mask, hidden.shape[1])
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (B, d_inner, L) each
         if real is not None:
             x = x * real.transpose(1, 2).to(x.dtype)
@@ -313,7 +146,7 @@ class Mamba2(nn.Module):
         """state: the conv tail and SSM state h (updated); padding passes the state through."""
         bsz, seqlen, _ = hidden.shape
         H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
-        real = _real(mask, seqlen)
+        real = real_positions(mask, seqlen)
         z, xbc, dt = torch.split(self.in_proj(hidden), [self.d_inner, self.conv_dim, H], dim=-1)
         if real is not None:
             xbc = xbc * real.to(xbc.dtype)
@@ -373,7 +206,8 @@ class Retention(nn.Module):
         r, D = cfg.retention, cfg.d_model
         H, KV, hd = lin_attn_heads(cfg, r.n_heads)
         self.n_heads, self.n_kv_heads, self.head_dim = H, KV, hd
-        self.rot_dim, self.theta = int(hd * cfg.rotary_pct), cfg.rope_theta
+        self.rot_dim, self.max_seq_len = int(hd * cfg.rotary_pct), cfg.max_seq_len
+        self.theta, self.scaling = rope_of(cfg, "*")
         self.norm_eps, self.decay_base, self.decay_span = r.norm_eps, r.decay_base, r.decay_span
         self.q_proj = nn.Linear(D, H * hd, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(D, KV * hd, bias=cfg.qkv_bias)
@@ -389,12 +223,12 @@ class Retention(nn.Module):
         q = self.q_proj(x).view(bsz, seqlen, H, hd)
         k = self.k_proj(x).view(bsz, seqlen, KV, hd)
         v = self.v_proj(x).view(bsz, seqlen, KV, hd)
-        cos, sin = _rotary_at(self.rot_dim, self.theta, offset, seqlen, x.device)
+        cos, sin = rotary_at(self.rot_dim, self.theta, self.scaling, self.max_seq_len, offset, seqlen, x.device)
         q, k = apply_rotary(q, cos[:, None], sin[:, None]), apply_rotary(k, cos[:, None], sin[:, None])
         if H != KV:
             k, v = k.repeat_interleave(H // KV, dim=2), v.repeat_interleave(H // KV, dim=2)
         g = retention_log_decay(H, self.decay_base, self.decay_span, x.device).view(1, 1, H, 1).expand(bsz, seqlen, H, 1)
-        real = _real(mask, seqlen)
+        real = real_positions(mask, seqlen)
         if real is not None:
             g, k = g * real[..., None], k * real[..., None].to(k.dtype)
         o = linear_attention(q, k, v, g, hd ** -0.5, state)
@@ -435,7 +269,7 @@ class GLA(nn.Module):
         v = self.v_proj(x).view(bsz, seqlen, KV, hd).repeat_interleave(rep, dim=2)
         gk = F.logsigmoid(self.gk_proj(x).float()) / self.gate_logit_normalizer
         gk = gk.view(bsz, seqlen, KV, hd).repeat_interleave(rep, dim=2)
-        real = _real(mask, seqlen)
+        real = real_positions(mask, seqlen)
         if real is not None:
             gk, k = gk * real[..., None], k * real[..., None].to(k.dtype)
         o = linear_attention(q, k, v, gk, hd ** -0.5, state)
@@ -444,34 +278,47 @@ class GLA(nn.Module):
         return self.o_proj(o.reshape(bsz, seqlen, H * hd).to(x.dtype))
 
 
-MIXERS = {"*": Attention, "M": Mamba, "S": Mamba2, "R": Retention, "G": GLA}
+MIXERS = {"*": Attention, "W": Attention, "M": Mamba, "S": Mamba2, "R": Retention, "G": GLA}
 
 
 # ---- blocks and the LM -------------------------------------------------------------------------
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class MegaxatlBlock(nn.Module):
+    """norm_placement 'pre': x + f(norm(x)); 'post': x + post_norm(f(x)); 'sandwich': both."""
+
     def __init__(self, symbol: str, cfg: _Section):
         super().__init__()
         if symbol not in MIXERS:
             raise ValueError(f"unknown mixer symbol {symbol!r} in pattern {cfg.pattern!r}")
         self.parallel_residual = cfg.parallel_residual
-        self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.mixer = MIXERS[symbol](cfg)
-        if cfg.mlp != "none":
-            self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-            self.mlp = MLP(cfg.d_model, cfg.d_mlp, cfg.mlp, cfg.mlp_bias)
-        else:
-            self.norm2 = self.mlp = None
+        pre, post = cfg.norm_placement in ("pre", "sandwich"), cfg.norm_placement in ("post", "sandwich")
+        has_mlp = cfg.mlp != "none"
+
+        def norm(present: bool):
+            return make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset) if present else None
+
+        self.norm1 = norm(pre)
+        self.mixer = Attention(cfg, symbol) if symbol in "*W" else MIXERS[symbol](cfg)
+        self.post_norm1 = norm(post)
+        self.norm2 = norm(pre and has_mlp)
+        self.mlp = MLP(cfg.d_model, cfg.d_mlp, cfg.mlp, cfg.mlp_bias) if has_mlp else None
+        self.post_norm2 = norm(post and has_mlp)
 
     def forward(self, x: torch.Tensor, state: dict | None = None, offset: int = 0,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.mixer(self.norm1(x), state, offset, mask)
+        n1, p1, n2, p2 = (m if m is not None else _identity
+                          for m in (self.norm1, self.post_norm1, self.norm2, self.post_norm2))
+        h = p1(self.mixer(n1(x), state, offset, mask))
         if self.mlp is None:
             return x + h
         if self.parallel_residual:
-            return x + h + self.mlp(self.norm2(x))
+            return x + h + self.mlp(n2(x))
         x = x + h
-        return x + self.mlp(self.norm2(x))
+        return x + p2(self.mlp(n2(x)))
 
 
 def _copy(t: torch.Tensor, value: torch.Tensor) -> None:
@@ -495,6 +342,8 @@ class MegaxatlPreTrainedModel(PreTrainedModel):
                 _init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             _init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm) and module.unit_offset:
+            _init.zeros_(module.weight)
         elif isinstance(module, (RMSNorm, GatedRMSNorm)):
             _init.ones_(module.weight)
         elif isinstance(module, LayerNorm):
@@ -573,9 +422,11 @@ class MegaxatlModel(MegaxatlPreTrainedModel):
     def __init__(self, config: MegaxatlConfig):
         super().__init__(config)
         cfg = model_settings(config)
+        self.embed_scale = cfg.embed_scale
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_embed else None
         self.layers = nn.ModuleList(MegaxatlBlock(s, cfg) for s in cfg.symbols)
-        self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -589,8 +440,22 @@ class MegaxatlModel(MegaxatlPreTrainedModel):
         """input_ids: (B, L) -> final-normed hidden states (B, L, D). With `state`, the input
         continues the sequence folded into it (which this call extends). mask: (B, seen + L),
         0 at padding, or None."""
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        if inputs_embeds is None:
+            x = self.embed(input_ids)
+            if self.embed_scale != 1.0:  # Gemma: sqrt(d_model), rounded to the weights' dtype
+                x = x * torch.tensor(self.embed_scale, dtype=torch.float32).to(self.embed.weight.dtype)
+        else:
+            x = inputs_embeds
         offset = state.seen if state is not None else 0
+        if self.pos_embed is not None:
+            # a row's positions count its real tokens only, so left padding leaves them as unpadded
+            pos = torch.arange(offset, offset + x.shape[1], device=x.device)[None]
+            if mask is not None:
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -x.shape[1]:]
+            if int(pos.max()) >= self.pos_embed.num_embeddings:
+                raise ValueError(f"position {int(pos.max())} is past the {self.pos_embed.num_embeddings} learned "
+                                 "positions")
+            x = x + self.pos_embed(pos)
         for i, layer in enumerate(self.layers):
             x = layer(x, state.layers[i] if state is not None else None, offset, mask)
         return self.norm_f(x)
@@ -601,7 +466,7 @@ class MegaxatlForCausalLM(MegaxatlPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MegaxatlConfig):
         super().__init__(config)
-        cfg = model_settings(config)
+        cfg = self._settings = model_settings(config)
         self.model = MegaxatlModel(config)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.post_init()
@@ -655,6 +520,11 @@ class MegaxatlForCausalLM(MegaxatlPreTrainedModel, GenerationMixin):
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
+        cfg = self._settings
+        if cfg.logit_scale != 1.0:
+            logits = logits * cfg.logit_scale
+        if cfg.final_softcap is not None:
+            logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
