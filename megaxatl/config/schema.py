@@ -286,9 +286,23 @@ class TransferConfig:
     # target layer i takes donor layer layer_map[i]; null -> evenly spaced, first and last kept.
     layer_map: Optional[list[int]] = None
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    # "auto:K" (keep K attention layers) or "auto:0.5" (a fraction of the layers): chosen from the
+    # donor by their measured cost on `select_data` text (transfer/select.py); the pattern's other
+    # layers take its one LCI symbol. Resolved at transfer time into model.pattern.
+    keep_attention: Optional[str] = None
+    select_data: Optional[str] = None
+    select_tokens: int = 4096
+    select_method: Literal["auto", "greedy", "exhaustive"] = "auto"
 
     def check(self) -> Problems:
         out: Problems = []
+        if self.keep_attention is not None:
+            if not self.keep_attention.startswith("auto:"):
+                out.append(("keep_attention", f"expected 'auto:K' or 'auto:FRACTION', got {self.keep_attention!r}"))
+            if not self.select_data:
+                out.append(("select_data", "keep_attention needs calibration text (a .txt file or folder)"))
+        if self.select_tokens < 2:
+            out.append(("select_tokens", "must be >= 2"))
         if self.mode not in TRANSFER_MODES:
             out.append(("mode", f"'{self.mode}' is not one of {', '.join(TRANSFER_MODES)}"))
         if self.layer_map is not None and any(i < 0 for i in self.layer_map):
