@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
              "versions, usable backends, kernel choices and config sizes"),
     "transfer": ("megaxatl.transfer.cli", "add_transfer_args", "run_transfer",
                  "copy a donor transformer's shared components into an LCI model (XATL)"),
+    "select-layers": ("megaxatl.transfer.select_cli", "add_select_args", "run_select",
+                      "measure each donor attention layer's cost on text; choose the layers a hybrid keeps"),
     "demo": ("megaxatl.demo", "add_demo_args", "run_demo",
              "XATL vs scratch on a real donor and real text, a few minutes on CPU"),
     "prepare-data": ("megaxatl.data.cli", "add_prepare_data_args", "run_prepare_data",

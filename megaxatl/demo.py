@@ -52,13 +52,37 @@ def eval_curve(run_dir: Path) -> list[dict]:
     return records
 
 
-def plot(curves: dict[str, list[dict]], path: Path, title: str) -> None:
+def donor_reference(donor_dir: Path, cfg, out: Path) -> dict:
+    """The donor's own val loss and bits per byte on the trainer's validation batches: a one-step
+    run of the all-attention donor model, read at its step-0 evaluation (before any update)."""
+    from megaxatl.donors import open_donor
+    from megaxatl.train import run
+    from megaxatl.transfer import model_dict_from_donor
+
+    with open_donor(donor_dir) as d:
+        spec = d.spec
+    ref = copy.deepcopy(cfg)
+    ref.model = type(cfg.model)(**{**vars(cfg.model), **model_dict_from_donor(spec, "*" * spec.n_layers),
+                                    "pad_vocab_multiple": cfg.model.pad_vocab_multiple})
+    ref.transfer.donor, ref.transfer.layer_map, ref.transfer.keep_attention = str(donor_dir), None, None
+    ref.train.steps, ref.train.out_dir, ref.train.init_from = 1, str(out), None
+    ref.train.distill.teacher = None
+    ref.logging.progress = False
+    run(ref)
+    first = eval_curve(out)[0]
+    return {"val_loss": first["val_loss"], "val_bpb": first["val_bpb"]}
+
+
+def plot(curves: dict[str, list[dict]], path: Path, title: str, reference: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if reference is not None:
+        ax.axhline(reference["val_loss"], color="k", ls="--",
+                   label=f"donor ({reference['val_bpb']:.3f} bits/byte)")
     plot_into(ax, curves, title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -109,6 +133,8 @@ def run_demo(args) -> int:
     init_dir = write_transfer(root / "xatl-init", model, cfg, report)
     del model
 
+    print("[demo] the donor itself on the validation batches (reference line)")
+    donor = donor_reference(donor_dir, cfg, root / "donor")
     arms = {}
     for name in ("xatl", "scratch"):
         arm = copy.deepcopy(cfg)
@@ -129,10 +155,12 @@ def run_demo(args) -> int:
               f"{r['val_bpb']:>9.3f} {s.get('val_bpb', float('nan')):>12.3f}")
     png = root / "xatl_vs_scratch.png"
     plot({"XATL (SmolLM2-135M donor)": arms["xatl"], "scratch": arms["scratch"]}, png,
-         f"{cfg.model.pattern} hybrid Mamba, Brown corpus, {steps[-1] if steps else 0} steps")
+         f"{cfg.model.pattern} hybrid Mamba, Brown corpus, {steps[-1] if steps else 0} steps", reference=donor)
     final_x, final_s = arms["xatl"][-1]["val_loss"], arms["scratch"][-1]["val_loss"]
     reached = next((r["step"] for r in arms["xatl"] if r["val_loss"] <= final_s), None)
     print(f"\n[demo] final val loss: XATL {final_x:.3f} vs scratch {final_s:.3f}"
           + (f"; XATL reached scratch's final loss by step {reached} of {arms['scratch'][-1]['step']}" if reached else ""))
+    print(f"[demo] the donor: val loss {donor['val_loss']:.3f}, {donor['val_bpb']:.3f} bits/byte; XATL ends at "
+          f"{arms['xatl'][-1]['val_bpb']:.3f}, scratch at {arms['scratch'][-1]['val_bpb']:.3f}")
     print(f"[demo] plot: {png}   runs: {root}   ({(time.time() - t0) / 60:.1f} min)")
     return 0

@@ -23,3 +23,8 @@ def test_demo_runs_end_to_end_with_two_steps(tmp_path, capsys):
         assert [r["step"] for r in evals] == [0, 2]
         assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     assert (root / "xatl" / "final" / "model.safetensors").is_file()
+    # the reference line: the donor's own loss on the same validation batches, below both arms'
+    donor = [json.loads(x) for x in (root / "donor" / "metrics.jsonl").read_text().splitlines()]
+    donor = [r for r in donor if r["kind"] == "eval"][0]
+    assert donor["step"] == 0 and f"{donor['val_bpb']:.3f} bits/byte" in out
+    assert donor["val_loss"] < evals[-1]["val_loss"]

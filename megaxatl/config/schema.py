@@ -413,9 +413,23 @@ class TransferConfig:
     # target layer i takes donor layer layer_map[i]; null -> evenly spaced, first and last kept.
     layer_map: Optional[list[int]] = None
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    # "auto:K" (keep K attention layers) or "auto:0.5" (a fraction of the layers): chosen from the
+    # donor by their measured cost on `select_data` text (transfer/select.py); the pattern's other
+    # layers take its one LCI symbol. Resolved at transfer time into model.pattern.
+    keep_attention: Optional[str] = None
+    select_data: Optional[str] = None
+    select_tokens: int = 4096
+    select_method: Literal["auto", "greedy", "exhaustive"] = "auto"
 
     def check(self) -> Problems:
         out: Problems = []
+        if self.keep_attention is not None:
+            if not self.keep_attention.startswith("auto:"):
+                out.append(("keep_attention", f"expected 'auto:K' or 'auto:FRACTION', got {self.keep_attention!r}"))
+            if not self.select_data:
+                out.append(("select_data", "keep_attention needs calibration text (a .txt file or folder)"))
+        if self.select_tokens < 2:
+            out.append(("select_tokens", "must be >= 2"))
         if self.mode not in TRANSFER_MODES:
             out.append(("mode", f"'{self.mode}' is not one of {', '.join(TRANSFER_MODES)}"))
         if self.layer_map is not None and any(i < 0 for i in self.layer_map):
@@ -479,6 +493,34 @@ class DataConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation from a teacher (train/distill.py): stage 1 aligns the replaced mixers' outputs
+    for `align_steps` steps, stage 2 mixes forward KL on logits into the LM loss."""
+
+    # null: off; "donor": transfer.donor; else a donor folder / named asset or a model folder
+    teacher: Optional[str] = None
+    # stage 2 loss: (1 - w) * CE + w * T^2 * KL; w goes linearly from weight to weight_end
+    weight: float = 0.5
+    weight_end: Optional[float] = None
+    temperature: float = 1.0
+    align_steps: int = 0
+    # null: train.dtype
+    teacher_dtype: Optional[Literal["fp32", "bf16"]] = None
+
+    def check(self) -> Problems:
+        out: Problems = []
+        for k in ("weight", "weight_end"):
+            v = getattr(self, k)
+            if v is not None and not 0 <= v <= 1:
+                out.append((k, f"must be in [0, 1], got {v}"))
+        if self.temperature <= 0:
+            out.append(("temperature", "must be > 0"))
+        if self.align_steps < 0:
+            out.append(("align_steps", "must be >= 0"))
+        return out
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000
     lr: float = 3e-4
@@ -514,9 +556,10 @@ class TrainConfig:
     # such as zero_to_fp32 read). false: only the layout-free weights/ + optimizer/, about half
     # the bytes and time; a resume, at the same layout or another, then reads those.
     save_deepspeed_state: bool = True
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def check(self) -> Problems:
-        out: Problems = []
+        out: Problems = [(f"distill.{k}", r) for k, r in self.distill.check()]
         if self.steps < 1:
             out.append(("steps", "must be >= 1"))
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
@@ -585,6 +628,15 @@ class Config:
                 out.append(("parallel.tp", f"padded vocab {m.padded_vocab_size} is not divisible by tp {p.tp}"))
             if any(s in ATTENTION_SYMBOLS for s in m.pattern) and (m.n_heads % p.tp or (m.kv_heads % p.tp and p.tp % m.kv_heads)):
                 out.append(("parallel.tp", f"tp {p.tp} does not split {m.n_heads} heads / {m.kv_heads} KV heads"))
+        d = self.train.distill
+        if d.teacher is not None and (p.tp > 1 or p.pp > 1):
+            out.append(("train.distill.teacher", "distillation runs its teacher in process at tp = 1, pp = 1 only "
+                                                 f"(got tp {p.tp}, pp {p.pp})"))
+        if d.teacher is not None and d.align_steps and p.zero_stage == 3:
+            out.append(("train.distill.align_steps", "hidden-state alignment calls the mixers outside the engine: "
+                                                     "ZeRO stage 3 is not supported"))
+        if d.teacher == "donor" and not self.transfer.donor:
+            out.append(("train.distill.teacher", "'donor' needs transfer.donor"))
         if p.pp > 1 and p.pp > m.n_layers:
             out.append(("parallel.pp", f"pp {p.pp} exceeds n_layers {m.n_layers}"))
         positional = m.pos_embed or any(s in ATTENTION_SYMBOLS for s in m.pattern)

@@ -185,6 +185,8 @@ class Trainer:
         dist.barrier()
         latest = ckpt.find_latest(self.ckpt_root) if t.resume else None
         saved = ckpt.read_meta(latest) if latest else None
+        if saved and cfg.transfer.keep_attention:  # chosen when the run started: the checkpoint has it
+            cfg.model.pattern, cfg.transfer.keep_attention = saved["config"]["model"]["pattern"], None
         if saved and _model_key(saved["config"]["model"]) != _model_key(config_to_dict(cfg)["model"]):
             raise ConfigError(source, "model", f"differs from the model of the checkpoint being resumed ({latest}); "
                                                "use another train.out_dir or train.resume false")
@@ -222,6 +224,11 @@ class Trainer:
         self.train_loader, self.val_loader, manifest = build_loaders(cfg, self.par.dp_rank, self.par.dp,
                                                                      self.tokenizer_dir, source)
         self.bytes_per_token = bytes_per_token(manifest)
+        self.distill = None
+        if t.distill.teacher is not None:  # after the data check, before the engine's set-up
+            from megaxatl.train.distill import Distiller
+
+            self.distill = Distiller.from_config(cfg, self.device, self.tokenizer_dir)
         self.engine = create_engine(self.built.module, optimizer, self.scheduler, cfg, self.world, mpu=self.built.mpu)
         self.opt_view = OptimizerView(self.engine.optimizer, optimizer)
         self.guard.attach(plan_norm(self.built.named, self.opt_view, self.layout, self.par.tp_rank, self.par.tp,
@@ -358,7 +365,9 @@ class Trainer:
         gas = self.cfg.micro_batches_per_step
         micro_losses: list[float] = []
         while len(micro_losses) < gas:
-            loss = _loss(self.engine, next(data), self.device)
+            batch = next(data)
+            loss = (_loss(self.engine, batch, self.device) if self.distill is None
+                    else self.distill.loss(self.engine, batch, self.step, self.device))
             hit = self.fault(self.step + 1, len(micro_losses)) if self.fault is not None else False
             if hit == "grad":
                 loss = _PoisonGrad.apply(loss)

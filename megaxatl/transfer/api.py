@@ -64,7 +64,8 @@ def from_donor(donor_path, config, mode: str | None = None, layer_map: list[int]
 
     donor_path: a donor folder / GGUF file, or a named asset ("smollm2-135m").
     config: a Config, ModelConfig, config dict or config path. mode / layer_map default to the
-    config's transfer section. Returns (model, TransferReport); all checks run before any copy.
+    config's transfer section. With transfer.keep_attention set, the attention layers to keep are
+    chosen from the donor first and written into the config's model.pattern (in place). Returns (model, TransferReport); all checks run before any copy.
     """
     from megaxatl.assets.donors import resolve_donor
     from megaxatl.donors import open_donor
@@ -72,6 +73,12 @@ def from_donor(donor_path, config, mode: str | None = None, layer_map: list[int]
     cfg = _as_config(config)
     mode = mode or cfg.transfer.mode
     layer_map = layer_map if layer_map is not None else cfg.transfer.layer_map
+    selection = None
+    if cfg.transfer.keep_attention:  # rewrites cfg.model.pattern before anything is built
+        from megaxatl.transfer.select import select_for_config
+
+        selection = select_for_config(cfg, donor_path, cfg.transfer.select_data, cfg.transfer.select_tokens,
+                                      method=cfg.transfer.select_method)
     donor = open_donor(resolve_donor(str(donor_path)))
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in build(cfg).named_parameters()}
@@ -90,6 +97,8 @@ def from_donor(donor_path, config, mode: str | None = None, layer_map: list[int]
             (dst[c.index] if c.index else dst).copy_(t.to(dst.dtype))
     report = build_report(plan, donor, shapes, str(donor_path), cfg.model.pattern, cfg.model.init_std, cfg.model.n_layers)
     report.tokenizer_dir = str(donor.tokenizer_dir) if donor.tokenizer_dir else None
+    report.selection = selection.to_dict() if selection is not None else None
+    report.selection_table = selection.table() if selection is not None else None
     return model, report
 
 

@@ -57,6 +57,9 @@ class TransferReport:
     warnings: list[str] = field(default_factory=list)
     # the donor's tokenizer files, carried into the transfer output
     tokenizer_dir: str | None = None
+    # transfer.keep_attention: the measured per-layer costs and the chosen layers (select.py)
+    selection: dict | None = None
+    selection_table: str | None = None
 
     # ---- summaries ------------------------------------------------------------------
     @property
@@ -96,6 +99,8 @@ class TransferReport:
         lines.append(f"donor tensors dropped: {len(self.dropped)}" + (
             "" if not self.dropped else " (" + "; ".join(sorted({d['reason'] for d in self.dropped})) + ")"))
         lines += [f"warning: {w}" for w in self.warnings]
+        if self.selection_table:
+            lines.append(self.selection_table)
         return "\n".join(lines)
 
 
