@@ -46,7 +46,7 @@ import torch.distributed as dist
 from megaxatl.config import Config, ConfigError, config_to_dict
 from megaxatl.config.pattern import STAGE_BREAK
 from megaxatl.train import checkpoint as ckpt
-from megaxatl.train import portable
+from megaxatl.train import portable, preflight
 from megaxatl.train.data import build_loaders, bytes_per_token
 from megaxatl.train.deepspeed_internals import OptimizerView, set_step_counters
 from megaxatl.train.engine import collective_device, create_engine, init_distributed
@@ -178,6 +178,7 @@ class Trainer:
         t = cfg.train
         self.out = Path(t.out_dir)
         self.ckpt_root = self.out / "checkpoints"
+        preflight.check_output(cfg, source)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_partial(self.ckpt_root)
@@ -197,11 +198,17 @@ class Trainer:
                                                   f"{ckpt.WEIGHTS_DIR}/, so it resumes only at the layout that wrote it "
                                                   f"({self.layout_change.split(' -> ')[0]})")
 
+        # every input (data, tokenizer, init folder, donor) is checked and the loaders are built
+        # before the model: a wrong path must not cost the build of billions of parameters
+        self.tokenizer_dir = preflight.check_inputs(cfg, source, saved)
+        self.train_loader, self.val_loader, manifest = build_loaders(cfg, self.par.dp_rank, self.par.dp,
+                                                                     self.tokenizer_dir, source)
+        self.bytes_per_token = bytes_per_token(manifest)
+
         init = build_initial(cfg, resuming=latest is not None)
         self.source_kind = init.source
         self.transferred = saved["transferred"] if saved else init.transferred
         self.report = saved.get("report") if saved else init.report
-        self.tokenizer_dir = saved.get("tokenizer_dir") if saved else init.tokenizer_dir
         model = init.model
         model.gradient_checkpointing = cfg.parallel.activation_checkpointing
         all_names = {n for n, _ in model.named_parameters()}
@@ -218,10 +225,6 @@ class Trainer:
                                tp_rank=self.par.tp_rank, dp=self.par.dp)
         self.scheduler = GroupLRScheduler(optimizer, t, self.freeze)
         self.gate = GradGate(p for g in groups if g["role"].startswith("transferred") for p in g["params"])
-        # data first: a bad shard folder fails here, before the engine's set-up
-        self.train_loader, self.val_loader, manifest = build_loaders(cfg, self.par.dp_rank, self.par.dp,
-                                                                     self.tokenizer_dir, source)
-        self.bytes_per_token = bytes_per_token(manifest)
         self.engine = create_engine(self.built.module, optimizer, self.scheduler, cfg, self.world, mpu=self.built.mpu)
         self.opt_view = OptimizerView(self.engine.optimizer, optimizer)
         self.guard.attach(plan_norm(self.built.named, self.opt_view, self.layout, self.par.tp_rank, self.par.tp,
