@@ -54,7 +54,8 @@ from megaxatl.train.evaluate import evaluate, evaluate_pipeline
 from megaxatl.train.freeze import FreezePolicy, GradGate
 from megaxatl.train.gradnorm import plan_norm
 from megaxatl.train.guard import StepGuard
-from megaxatl.train.init import build_initial
+from megaxatl.models import build
+from megaxatl.train.init import plan_initial
 from megaxatl.train.metrics import Metrics
 from megaxatl.train.optim import build_optimizer, param_groups
 from megaxatl.train.parallelize import parallel_state, parallelize
@@ -205,14 +206,17 @@ class Trainer:
                                                                      self.tokenizer_dir, source)
         self.bytes_per_token = bytes_per_token(manifest)
 
-        init = build_initial(cfg, resuming=latest is not None)
+        # built on the meta device; only this rank's TP part of its stage ever gets storage
+        init = plan_initial(cfg, resuming=latest is not None)
+        with torch.device("meta"):
+            model = build(cfg)
+        model.gradient_checkpointing = cfg.parallel.activation_checkpointing
+        all_names = {n for n, _ in model.named_parameters()}
+        self.built = parallelize(model, cfg, self.par, loss_wrapper=self._inject_fault if fault else None,
+                                 fill=init.fill, layout=self.layout)
         self.source_kind = init.source
         self.transferred = saved["transferred"] if saved else init.transferred
         self.report = saved.get("report") if saved else init.report
-        model = init.model
-        model.gradient_checkpointing = cfg.parallel.activation_checkpointing
-        all_names = {n for n, _ in model.named_parameters()}
-        self.built = parallelize(model, cfg, self.par, loss_wrapper=self._inject_fault if fault else None)
         if self.layout_change:  # before DeepSpeed copies them into its partitions / master weights
             with portable.agreed(str(latest / ckpt.WEIGHTS_DIR)):  # a bad file stops every rank
                 self._resume_weights = portable.load_weights(latest / ckpt.WEIGHTS_DIR, self.built.named,
