@@ -99,7 +99,8 @@ def test_plan_lists_fitting_layouts_fastest_first():
     assert not any(r.pp > 1 and r.zero > 1 for r in rows)
     # the pipeline bubble costs time; checkpointing costs a third more FLOPs
     base = next(r for r in rows if (r.tp, r.pp, r.zero, r.ckpt) == (1, 1, 1, False))
-    assert next(r for r in rows if (r.tp, r.pp, r.zero, r.ckpt) == (1, 1, 1, True)).step_s == pytest.approx(base.step_s * 4 / 3)
+    ck = next(r for r in rows if (r.tp, r.pp, r.zero, r.ckpt) == (1, 1, 1, True))
+    assert ck.step_s - ck.comm_s == pytest.approx((base.step_s - base.comm_s) * 4 / 3) and ck.comm_s == base.comm_s
     assert next(r for r in rows if (r.tp, r.pp, r.zero, r.ckpt) == (1, 2, 1, False)).step_s > base.step_s
 
 
@@ -109,8 +110,10 @@ def test_plan_cli(capsys):
     out = capsys.readouterr().out
     assert rc == 0
     lines = out.splitlines()
-    assert "seq 1024 x micro-batch 4" in lines[0] and "decode state per sequence" in lines[1]
-    assert lines[3].split()[:5] == ["TP", "PP", "DP", "ZeRO", "ckpt"] and len(lines) == 7
+    assert "seq 1024 x micro-batch 4" in lines[0] and lines[1].startswith("assumed: MFU")
+    assert "decode state per sequence" in lines[2]
+    assert lines[4].split()[:5] == ["TP", "PP", "DP", "ZeRO", "ckpt"] and len(lines) == 8
+    assert "comm s" in lines[4]
     assert cli_main(["plan", "--config", str(REPO / "configs" / "mamba_2.8b.json"), "--gpus", "1",
                      "--gpu-mem", "8"]) == 1
     assert "nothing fits in 8 GiB" in capsys.readouterr().out
@@ -159,3 +162,32 @@ def test_activation_estimate_against_saved_tensors_of_our_blocks(symbol, low, hi
         block(x)
     ratio = layer_activation_bytes(cfg.model, symbol, 2, 256, 4, 1) / sum(saved.values())
     assert low <= ratio <= high, ratio
+
+
+def test_step_time_models_tp_pp_and_dp_communication_from_the_stated_bandwidths():
+    """Communication from ring-collective volumes over the stated links: TP all-reduces 4 times per
+    block (mixer and MLP, forward and backward) plus the embedding and head, DP reduces the rank's
+    gradients once per step, and a slower inter-node link slows exactly the layouts that cross it."""
+    from megaxatl.cluster import comm_model as cm
+
+    cfg = load_config(REPO / "configs" / "mamba_2.8b.json")
+    b, s = cfg.data.micro_batch_size, cfg.data.seq_len
+    fits, rows = plan(cfg, gpus=16, gpu_mem_gb=80)
+    row = {(r.tp, r.pp, r.zero, r.ckpt): r for r in rows}
+    tp2, tp1 = row[(2, 1, 1, False)], row[(1, 1, 1, False)]
+    # by hand: TP 2 inside a node, 32 blocks x 4 + 2 all-reduces of (s, b, h) bf16 per micro-batch
+    m = b * cfg.train.grad_accum * 16 // (b * 8)
+    by_hand_tp = m * (32 * 4 + 2) * (2 * 1 / 2) * s * b * 2560 * 2 / (cm.NVLINK_GBS * 1e9)
+    by_hand_dp = 2 * 7 / 8 * tp2.params * 2 / (cm.IB_GBS * 1e9)  # 8 DP ranks over 2 nodes
+    assert tp2.comm_s == pytest.approx(by_hand_tp + by_hand_dp, rel=1e-9)
+    assert tp2.step_s != tp1.step_s  # the layout now changes the step time
+    # ZeRO 3 gathers the weights twice: 1.5x the DP volume of ZeRO 2
+    z2, z3 = row[(1, 1, 2, False)], row[(1, 1, 3, False)]
+    assert z3.comm_s == pytest.approx(1.5 * z2.comm_s)
+    # a 10x faster inter-node link: the DP time (16 GPUs span 2 nodes) drops 10x; TP's does not
+    _, fast = plan(cfg, gpus=16, gpu_mem_gb=80, inter_gbs=cm.IB_GBS * 10)
+    f = {(r.tp, r.pp, r.zero, r.ckpt): r for r in fast}
+    assert f[(2, 1, 1, False)].comm_s == pytest.approx(by_hand_tp + by_hand_dp / 10, rel=1e-9)
+    # one node: no inter-node link at all
+    _, one = plan(cfg, gpus=8, gpu_mem_gb=80, inter_gbs=1e-3)
+    assert all(r.comm_s < 1.0 for r in one)

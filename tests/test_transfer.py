@@ -155,7 +155,8 @@ def test_cli_writes_a_complete_output_and_refuses_to_overwrite(tmp_path, capsys)
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps({"model": model_dict_from_donor(spec, "M*", mamba={"d_state": 8, "expand": 1.0})}))
     out = tmp_path / "out"
-    assert cli_main(["transfer", "--donor", str(path), "--config", str(cfg_path), "--out", str(out)]) == 0
+    assert cli_main(["transfer", "--donor", str(path), "--config", str(cfg_path), "--out", str(out),
+                     "--format", "model-dir"]) == 0
     printed = capsys.readouterr().out
     assert "XATL transfer" in printed and "total" in printed
     model, cfg, meta = load_model(out)
@@ -168,7 +169,7 @@ def test_cli_writes_a_complete_output_and_refuses_to_overwrite(tmp_path, capsys)
     assert "already exists" in capsys.readouterr().err
     assert (out / "model.safetensors").read_bytes() == before
     assert cli_main(["transfer", "--donor", str(path), "--config", str(cfg_path), "--out", str(out),
-                     "--mode", "emb+norm", "--overwrite"]) == 0
+                     "--mode", "emb+norm", "--overwrite", "--format", "model-dir"]) == 0
     assert json.loads((out / "report.json").read_text())["mode"] == "emb+norm"
 
 
@@ -270,3 +271,30 @@ def test_a_window_layer_must_stay_a_window(tmp_path):
     model["pattern"] = "W**"
     with pytest.raises(TransferError, match=r"target layer 2 is '\*' but donor layer 2 is sliding-window"):
         from_donor(path, config_from_dict({"model": model}))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_sharded_output_is_the_in_memory_transfer_in_the_requested_dtype(tmp_path, dtype):
+    """The default output: DCP shards at --tp x --pp, filled tensor by tensor (no target model is
+    built), equal bit for bit to from_donor's model in that dtype, readable per rank."""
+    from megaxatl.checkpoint.sharded import ShardedCheckpoint, read_shards_meta
+    from megaxatl.transfer import from_donor
+
+    _, path = make_tiny_donor("gpt_neox", tmp_path / "neox")
+    spec = open_donor(path).spec
+    cfg_path = tmp_path / "cfg.json"
+    model_dict = model_dict_from_donor(spec, "*M*", mamba={"d_state": 8}, pad_vocab_multiple=8)
+    cfg_path.write_text(json.dumps({"model": model_dict}))
+    out = tmp_path / "out"
+    assert cli_main(["transfer", "--donor", str(path), "--config", str(cfg_path), "--out", str(out),
+                     "--dtype", dtype, "--tp", "2", "--pp", "2", "--quiet"]) == 0
+    meta = read_shards_meta(out)
+    assert meta["layout"] == {"tp": 2, "pp": 2} and sorted(meta["sha256"]) == sorted(
+        [".metadata", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp"])
+    assert (out / "report.json").is_file() and meta["transferred"]
+    want_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    ref, _ = from_donor(path, config_from_dict({"model": model_dict}), dtype=want_dtype)
+    ckpt = ShardedCheckpoint(out)
+    for name, p in ref.named_parameters():
+        got = ckpt.read(name)
+        assert got.dtype == want_dtype and torch.equal(got, p.detach()), name

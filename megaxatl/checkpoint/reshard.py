@@ -281,9 +281,10 @@ def _write_safetensors(file: Path, source: TensorSource) -> int:
 
 
 def save_model_dir_streaming(out: str | Path, source: TensorSource, config: dict, meta: dict | None = None,
-                             tokenizer_dir: str | Path | None = None, overwrite: bool = False) -> tuple[int, int]:
+                             tokenizer_dir: str | Path | None = None, overwrite: bool = False,
+                             extra_files: dict[str, str] | None = None) -> tuple[int, int]:
     """A model folder (as checkpoint.save_model_dir writes it) from a source, one tensor in memory
-    at a time. -> (tensors, bytes)."""
+    at a time, plus `extra_files` {name: text}. -> (tensors, bytes)."""
     import shutil
 
     with atomic_dir(out, overwrite) as tmp:
@@ -293,6 +294,8 @@ def save_model_dir_streaming(out: str | Path, source: TensorSource, config: dict
         (tmp / MODEL_META).write_text(json.dumps(full, indent=2) + "\n")
         if tokenizer_dir is not None:
             shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return len(source.entries()), nbytes
 
 

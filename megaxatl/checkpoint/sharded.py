@@ -839,12 +839,15 @@ def verify_sharded_dir(path: str | Path) -> dict:
 
 def save_sharded_dir(out: str | Path, source: TensorSource, layout: Layout, config: dict,
                      meta: dict | None = None, tokenizer_dir: str | Path | None = None,
-                     overwrite: bool = False) -> tuple[int, int]:
-    """Write a sharded model folder (DCP files at `layout`, shards.json, tokenizer/) atomically.
-    -> (tensors, bytes). Never replaces an existing folder unless `overwrite`."""
+                     overwrite: bool = False, extra_files: dict[str, str] | None = None) -> tuple[int, int]:
+    """Write a sharded model folder (DCP files at `layout`, shards.json, tokenizer/, and any
+    `extra_files` {name: text} such as a transfer's report.json) atomically. -> (tensors, bytes).
+    Never replaces an existing folder unless `overwrite`."""
     with atomic_dir(out, overwrite) as tmp:
         tensors, nbytes = write_layout(tmp, source, layout)
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         _write_shards_json(tmp / SHARDS_JSON, meta, layout.tp, layout.pp, config,
                            {f: sha256_file(tmp / f) for f in files})
         if tokenizer_dir is not None:

@@ -64,7 +64,10 @@ checkpointing (a second forward). Global batch fixed across layouts: B x grad_ac
 (the config's batch with all N GPUs data parallel; fewer DP ranks take more micro-batches).
     time = FLOPs per token x tokens per step / (N x peak x MFU) / (1 - bubble)
     bubble = (p - 1) / (m + p - 1)  (1F1B), m = micro-batches per step per DP rank
-TP and DP communication is not modelled beyond the assumed MFU (keep TP inside a node). Layouts
+  + TP all-reduce, PP send / receive and DP gradient reduction time from the stated link
+    bandwidths (--intra-gbs, --inter-gbs; cluster/comm_model.py), not overlapped with compute.
+Measured: the model-state formulas (against DeepSpeed, above). Assumed: MFU, peak, bandwidths, and
+the activation formulas' fused kernels (their measured ratios on our torch paths are above). Layouts
 are sorted by step time; equal times by smaller TP, then PP, then ZeRO stage (less communication),
 then memory.
 """
@@ -100,6 +103,7 @@ class Row:
     buffers: float
     step_s: float
     tokens_per_s: float
+    comm_s: float = 0.0  # of step_s: TP + PP + DP communication (cluster/comm_model.py)
 
     @property
     def total(self) -> float:
@@ -259,9 +263,14 @@ def activation_bytes(cfg, tp: int, pp: int, b: int, s: int, ckpt: bool, micro_ba
 
 def plan(cfg, gpus: int, gpu_mem_gb: float, seq_len: int | None = None, micro_batch: int | None = None,
          mfu: float = 0.4, peak_tflops: float = 989.0, overhead_gb: float = 2.0,
-         zero_stages: tuple[int, ...] = (0, 1, 2, 3), gpus_per_node: int = 8) -> tuple[list[Row], list[Row]]:
-    """-> (layouts that fit, sorted by step time then memory; all layouts considered)."""
+         zero_stages: tuple[int, ...] = (0, 1, 2, 3), gpus_per_node: int = 8,
+         intra_gbs: float | None = None, inter_gbs: float | None = None) -> tuple[list[Row], list[Row]]:
+    """-> (layouts that fit, sorted by step time then memory; all layouts considered).
+    intra_gbs / inter_gbs: link bandwidths, GB/s per GPU (default NVLink 4 / InfiniBand NDR)."""
+    from megaxatl.cluster import comm_model as cm
     from megaxatl.train.metrics import flops_per_token
+
+    links = cm.Links(intra_gbs or cm.NVLINK_GBS, inter_gbs or cm.IB_GBS, gpus_per_node)
 
     s = seq_len or cfg.data.seq_len
     b = micro_batch or cfg.data.micro_batch_size
@@ -289,12 +298,15 @@ def plan(cfg, gpus: int, gpu_mem_gb: float, seq_len: int | None = None, micro_ba
                     continue  # DeepSpeed's pipeline engine composes with ZeRO 0/1 only
                 w, g, o = model_state_bytes(psi, cfg.train.dtype, zero, dp)
                 buffers = overhead_gb * GiB + (2 * BUCKET * a if zero >= 1 else 0)
+                comm = (cm.tp_seconds(cfg.model, tp, b, s, a, m, -(-cfg.model.n_layers // pp), links)
+                        + cm.pp_seconds(cfg.model, tp, pp, b, s, a, m, links)
+                        + cm.dp_seconds(psi, dp, zero, a, gpus, links))
                 for ckpt in (False, True):
                     acts = activation_bytes(cfg, tp, pp, b, s, ckpt, m)
                     flops = fpt * (4 / 3 if ckpt else 1) * global_seqs * s
-                    step = flops / (gpus * peak_tflops * 1e12 * mfu) / (1 - bubble)
+                    step = flops / (gpus * peak_tflops * 1e12 * mfu) / (1 - bubble) + comm
                     rows.append(Row(tp, pp, dp, zero, ckpt, psi, w, g, o, acts, buffers, step,
-                                    global_seqs * s / step))
+                                    global_seqs * s / step, comm))
     fits = sorted((r for r in rows if r.total <= gpu_mem_gb * GiB), key=_rank)
     return fits, rows
 
@@ -315,6 +327,10 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="dense bf16 peak per GPU, TFLOP/s (default 989: H100/H200 SXM)")
+    p.add_argument("--intra-gbs", type=float, default=None,
+                   help="intra-node link, GB/s per GPU (default 450: NVLink 4); TP, and PP / DP inside a node")
+    p.add_argument("--inter-gbs", type=float, default=None,
+                   help="inter-node link, GB/s per GPU (default 50: InfiniBand NDR 400 Gb/s)")
     p.add_argument("--overhead-gb", type=float, default=2.0, help="per-GPU overhead: context, NCCL, fragmentation")
     p.add_argument("--zero", type=int, action="append", choices=(0, 1, 2, 3), default=None,
                    help="only these ZeRO stages (repeatable; default all)")
@@ -326,32 +342,37 @@ def run_plan(args) -> int:
     from megaxatl.config import ConfigError, load_config
     from megaxatl.models import count_parameters
 
-    for k in ("gpus", "gpu_mem", "mfu", "peak_tflops"):
-        if getattr(args, k) <= 0:
+    for k in ("gpus", "gpu_mem", "mfu", "peak_tflops", "intra_gbs", "inter_gbs"):
+        if getattr(args, k, None) is not None and getattr(args, k) <= 0:
             raise CLIError(f"--{k.replace('_', '-')} must be > 0")
     try:
         cfg = load_config(args.config)
     except ConfigError as e:
         raise CLIError(str(e)) from None
     fits, rows = plan(cfg, args.gpus, args.gpu_mem, args.seq_len, args.micro_batch, args.mfu, args.peak_tflops,
-                      args.overhead_gb, tuple(args.zero or (0, 1, 2, 3)), args.gpus_per_node)
+                      args.overhead_gb, tuple(args.zero or (0, 1, 2, 3)), args.gpus_per_node,
+                      args.intra_gbs, args.inter_gbs)
     s = args.seq_len or cfg.data.seq_len
     b = args.micro_batch or cfg.data.micro_batch_size
     a = _dtype_bytes(cfg.train.dtype)
     print(f"{args.config}: {count_parameters(cfg.model) / 1e6:.1f}M parameters, {cfg.train.dtype}, "
           f"seq {s} x micro-batch {b}, global batch {b * cfg.train.grad_accum * args.gpus} sequences; "
           f"{args.gpus} GPUs x {args.gpu_mem:g} GiB; MFU {args.mfu:g} of {args.peak_tflops:g} TFLOP/s")
+    from megaxatl.cluster.comm_model import IB_GBS, NVLINK_GBS
+
+    print(f"assumed: MFU, peak, links {args.intra_gbs or NVLINK_GBS:g} GB/s in a node, "
+          f"{args.inter_gbs or IB_GBS:g} GB/s between nodes (no overlap); measured: model-state bytes")
     print(f"decode state per sequence: {decode_state_bytes(cfg.model, a, s) / 2**20:.2f} MiB at context {s}")
     if not rows:
         raise CLIError(f"no TP x PP x DP layout of {args.gpus} GPUs suits this model (see megaxatl.cluster.layout)")
     head = (f"{'TP':>3} {'PP':>3} {'DP':>4} {'ZeRO':>4} {'ckpt':>4} {'params/rank':>11} {'weights':>8} {'grads':>8} "
-            f"{'optim':>8} {'acts':>8} {'other':>7} {'total GiB':>9} {'step s':>8} {'tok/s':>10}")
+            f"{'optim':>8} {'acts':>8} {'other':>7} {'total GiB':>9} {'step s':>8} {'comm s':>7} {'tok/s':>10}")
 
     def line(r: Row) -> str:
         gb = [x / GiB for x in (r.weights, r.grads, r.optim, r.acts, r.buffers, r.total)]
         return (f"{r.tp:>3} {r.pp:>3} {r.dp:>4} {r.zero:>4} {'yes' if r.ckpt else 'no':>4} {r.params / 1e6:>10.1f}M "
                 f"{gb[0]:>8.2f} {gb[1]:>8.2f} {gb[2]:>8.2f} {gb[3]:>8.2f} {gb[4]:>7.2f} {gb[5]:>9.2f} "
-                f"{r.step_s:>8.3f} {r.tokens_per_s:>10.0f}")
+                f"{r.step_s:>8.3f} {r.comm_s:>7.3f} {r.tokens_per_s:>10.0f}")
 
     if not fits:
         best = min(rows, key=lambda r: r.total)

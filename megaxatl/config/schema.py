@@ -623,6 +623,9 @@ class Config:
         for section in ("model", "transfer", "parallel", "data", "train", "logging"):
             out += [(f"{section}.{k}", r) for k, r in getattr(self, section).check()]
         m, p = self.model, self.parallel
+        if self.transfer.keep_attention is not None and self.train.init_from:
+            out.append(("transfer.keep_attention", "chooses the kept layers of a donor transfer; with "
+                                                   "train.init_from the pattern is the init folder's"))
         if p.tp > 1 and not out:
             if m.padded_vocab_size % p.tp:
                 out.append(("parallel.tp", f"padded vocab {m.padded_vocab_size} is not divisible by tp {p.tp}"))

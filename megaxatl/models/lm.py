@@ -80,25 +80,14 @@ class LM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Generic init: N(0, init_std) linears and embedding, zero biases, scaled residual outputs.
-
-        Mixer-specific parameters (dt, A_log, D, conv) keep their own init (reset_ssm_parameters).
-        """
-        std = self.cfg.init_std
-        nn.init.normal_(self.embed.weight, std=std)
+        """Generic init from the global RNG, in module order (see init_unit_ for what it sets)."""
+        init_unit_(self.cfg, "embed", self.embed)
         if self.pos_embed is not None:
-            nn.init.normal_(self.pos_embed.weight, std=std)
+            init_unit_(self.cfg, "pos_embed", self.pos_embed)
         if self.lm_head is not None:
-            nn.init.normal_(self.lm_head.weight, std=std)
-        for name, module in self.layers.named_modules():
-            if isinstance(module, nn.Linear):
-                if name.endswith(".dt_proj"):
-                    continue
-                leaf = name.rsplit(".", 1)[-1]
-                scale = 1 / math.sqrt(2 * self.cfg.n_layers) if leaf in RESIDUAL_OUT else 1.0
-                nn.init.normal_(module.weight, std=std * scale)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+            init_unit_(self.cfg, "lm_head", self.lm_head)
+        for i, layer in enumerate(self.layers):
+            init_unit_(self.cfg, f"layers.{i}", layer)
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -154,10 +143,94 @@ class LM(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=ignore_index)
 
 
-def build(cfg) -> LM:
-    """megaxatl.models.build(config) -> model. Accepts a full `Config` or its `ModelConfig`."""
+def build(cfg, seed: int | None = None) -> LM:
+    """megaxatl.models.build(config) -> model. Accepts a full `Config` or its `ModelConfig`.
+
+    seed: initialise every unit from (seed, its global name) (build_unit), the values any layout
+    materialises (train/init.py); None: the plain global-RNG init in module order."""
     model_cfg = getattr(cfg, "model", cfg)
-    return LM(model_cfg)
+    if seed is None:
+        return LM(model_cfg)
+    with torch.device("meta"):
+        model = LM(model_cfg)
+    for name in unit_names(model_cfg):
+        ref = build_unit(model_cfg, name, seed)
+        if name.startswith("layers."):
+            model.layers[int(name[7:])] = ref
+        else:
+            setattr(model, name, ref)
+    return model
+
+
+# ---- layout-free initialisation: one unit at a time, from (seed, its global name) ---------------
+#
+# A unit is the embedding, one block, the final norm or the LM head. Its values come from a
+# generator seeded by (seed, unit name) alone, so they are the same whatever the tensor / pipeline
+# layout, whichever rank builds them and in whatever order: a TP 2 x PP 2 rank builds only the
+# units of its stage (each one whole, then keeps its TP part), and gathering the parts gives the
+# TP 1 model bit for bit. (The mixers' own init, dt / A_log / D / conv, runs in their constructors
+# from the global RNG, which is why the unit is built under its own seed, not each tensor.)
+
+def unit_names(cfg) -> list[str]:
+    cfg = getattr(cfg, "model", cfg)
+    names = ["embed"] + [f"layers.{i}" for i in range(cfg.n_layers)] + ["norm_f"]
+    return names if cfg.tie_embeddings else names + ["lm_head"]
+
+
+def unit_of(name: str) -> str:
+    """The unit a global parameter / buffer name belongs to ('layers.3.mixer.A_log' -> 'layers.3')."""
+    head, _, rest = name.partition(".")
+    return f"{head}.{rest.split('.', 1)[0]}" if head == "layers" else head
+
+
+def unit_seed(seed: int, unit: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"megaxatl-init:{seed}:{unit}".encode()).digest()[:8], "little") >> 1
+
+
+@torch.no_grad()
+def init_unit_(cfg: ModelConfig, unit: str, module: nn.Module) -> None:
+    """Generic init of one unit in place: N(0, init_std) linears and embedding, zero biases,
+    residual outputs scaled by 1/sqrt(2 * n_layers). Mixer-specific parameters (dt_proj, A_log, D,
+    conv) keep their constructors' init (reset_ssm_parameters); norms keep ones / zeros."""
+    std = cfg.init_std
+    if unit in ("embed", "pos_embed", "lm_head"):
+        nn.init.normal_(module.weight, std=std)
+        return
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "dt_proj":
+                continue
+            scale = 1 / math.sqrt(2 * cfg.n_layers) if leaf in RESIDUAL_OUT else 1.0
+            nn.init.normal_(m.weight, std=std * scale)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def build_unit(cfg, unit: str, seed: int, device="cpu") -> nn.Module:
+    """One whole unit (full size), initialised from (seed, unit) alone; the global RNG is untouched."""
+    cfg = getattr(cfg, "model", cfg)
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(unit_seed(seed, unit))
+        # each unit exactly as LM.__init__ builds it (same classes, same constructor init)
+        if unit == "embed":
+            module = TokenEmbedding(cfg.padded_vocab_size, cfg.d_model, cfg.embed_scale)
+            mark_no_decay(module.weight)
+        elif unit == "pos_embed" and cfg.pos_embed:
+            module = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+            mark_no_decay(module.weight)
+        elif unit == "lm_head":
+            module = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        elif unit == "norm_f":
+            module = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset)
+        elif unit.startswith("layers."):
+            module = Block(cfg.layer_symbols[int(unit[7:])], cfg)
+        else:
+            raise ValueError(f"unknown model unit {unit!r}")
+        init_unit_(cfg, unit, module)
+    return module
 
 
 def count_parameters(cfg) -> int:

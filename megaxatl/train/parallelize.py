@@ -1,7 +1,8 @@
-"""The built model made parallel for this rank (torchtitan's order: build whole, then apply).
+"""The model made parallel for this rank (torchtitan's order: build whole, then apply).
 
-    plain LM (same seed / same weights on every rank)
+    plain LM (on the meta device, or built with the same weights on every rank)
       -> tensor parallel (tp > 1): parallel.apply_tensor_parallel over the TP group
+      -> storage and values for this rank's part only (`fill`: train/init.py), when on meta
       -> pipeline stage  (pp > 1): parallel.pipeline.build_pipeline, this rank's stage only
       -> DeepSpeed (ZeRO over the DP group) in the trainer
 
@@ -41,12 +42,18 @@ def parallel_state(cfg: Config, world: int, source: str = "") -> ParallelState:
     return setup_parallel(p.tp, p.pp)
 
 
-def parallelize(lm, cfg: Config, state: ParallelState, loss_wrapper=None) -> Parallelized:
-    """loss_wrapper: loss_fn -> loss_fn, applied to the pipeline's last-stage loss (a test hook)."""
+def parallelize(lm, cfg: Config, state: ParallelState, loss_wrapper=None, fill=None, layout=None) -> Parallelized:
+    """loss_wrapper: loss_fn -> loss_fn, applied to the pipeline's last-stage loss (a test hook).
+    fill, layout: `lm` is on the meta device; this rank's parameters get storage after the TP cut
+    and are filled by fill(local, layout, state) (train/init.py); the rest stays on meta."""
     if state.tp > 1:
         from megaxatl.parallel import apply_tensor_parallel
 
         apply_tensor_parallel(lm, state.tp_group, sequence_parallel=cfg.parallel.sequence_parallel)
+    if fill is not None:
+        from megaxatl.train.init import local_names, materialize
+
+        materialize(lm, local_names(layout, state), layout, state, fill)
     if state.pp == 1:
         return Parallelized(lm, lm, _unique(lm.named_parameters()), state)
     from megaxatl.parallel.pipeline import build_pipeline, stage_named_parameters

@@ -46,7 +46,7 @@ import torch.distributed as dist
 from megaxatl.config import Config, ConfigError, config_to_dict
 from megaxatl.config.pattern import STAGE_BREAK
 from megaxatl.train import checkpoint as ckpt
-from megaxatl.train import portable
+from megaxatl.train import portable, preflight
 from megaxatl.train.data import build_loaders, bytes_per_token
 from megaxatl.train.deepspeed_internals import OptimizerView, set_step_counters
 from megaxatl.train.engine import collective_device, create_engine, init_distributed
@@ -54,7 +54,8 @@ from megaxatl.train.evaluate import evaluate, evaluate_pipeline
 from megaxatl.train.freeze import FreezePolicy, GradGate
 from megaxatl.train.gradnorm import plan_norm
 from megaxatl.train.guard import StepGuard
-from megaxatl.train.init import build_initial
+from megaxatl.models import build
+from megaxatl.train.init import plan_initial, select_layers_agreed
 from megaxatl.train.metrics import Metrics
 from megaxatl.train.optim import build_optimizer, param_groups
 from megaxatl.train.parallelize import parallel_state, parallelize
@@ -178,6 +179,7 @@ class Trainer:
         t = cfg.train
         self.out = Path(t.out_dir)
         self.ckpt_root = self.out / "checkpoints"
+        preflight.check_output(cfg, source)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_partial(self.ckpt_root)
@@ -187,6 +189,7 @@ class Trainer:
         saved = ckpt.read_meta(latest) if latest else None
         if saved and cfg.transfer.keep_attention:  # chosen when the run started: the checkpoint has it
             cfg.model.pattern, cfg.transfer.keep_attention = saved["config"]["model"]["pattern"], None
+            self.layout = check_layout(cfg.model, cfg.parallel.tp, cfg.parallel.pp)
         if saved and _model_key(saved["config"]["model"]) != _model_key(config_to_dict(cfg)["model"]):
             raise ConfigError(source, "model", f"differs from the model of the checkpoint being resumed ({latest}); "
                                                "use another train.out_dir or train.resume false")
@@ -199,15 +202,29 @@ class Trainer:
                                                   f"{ckpt.WEIGHTS_DIR}/, so it resumes only at the layout that wrote it "
                                                   f"({self.layout_change.split(' -> ')[0]})")
 
-        init = build_initial(cfg, resuming=latest is not None)
+        # every input (data, tokenizer, init folder, donor) is checked and the loaders are built
+        # before the model: a wrong path must not cost the build of billions of parameters
+        self.tokenizer_dir = preflight.check_inputs(cfg, source, saved)
+        self.train_loader, self.val_loader, manifest = build_loaders(cfg, self.par.dp_rank, self.par.dp,
+                                                                     self.tokenizer_dir, source)
+        self.bytes_per_token = bytes_per_token(manifest)
+        selection = None
+        if cfg.transfer.keep_attention:  # a fresh start: the kept layers are chosen now, once
+            selection = select_layers_agreed(cfg)
+            self.layout = check_layout(cfg.model, cfg.parallel.tp, cfg.parallel.pp)  # of the chosen pattern
+            self.layout_now["bounds"] = [list(b) for b in self.layout.bounds]
+
+        # built on the meta device; only this rank's TP part of its stage ever gets storage
+        init = plan_initial(cfg, resuming=latest is not None, selection=selection)
+        with torch.device("meta"):
+            model = build(cfg)
+        model.gradient_checkpointing = cfg.parallel.activation_checkpointing
+        all_names = {n for n, _ in model.named_parameters()}
+        self.built = parallelize(model, cfg, self.par, loss_wrapper=self._inject_fault if fault else None,
+                                 fill=init.fill, layout=self.layout)
         self.source_kind = init.source
         self.transferred = saved["transferred"] if saved else init.transferred
         self.report = saved.get("report") if saved else init.report
-        self.tokenizer_dir = saved.get("tokenizer_dir") if saved else init.tokenizer_dir
-        model = init.model
-        model.gradient_checkpointing = cfg.parallel.activation_checkpointing
-        all_names = {n for n, _ in model.named_parameters()}
-        self.built = parallelize(model, cfg, self.par, loss_wrapper=self._inject_fault if fault else None)
         if self.layout_change:  # before DeepSpeed copies them into its partitions / master weights
             with portable.agreed(str(latest / ckpt.WEIGHTS_DIR)):  # a bad file stops every rank
                 self._resume_weights = portable.load_weights(latest / ckpt.WEIGHTS_DIR, self.built.named,
@@ -220,10 +237,6 @@ class Trainer:
                                tp_rank=self.par.tp_rank, dp=self.par.dp)
         self.scheduler = GroupLRScheduler(optimizer, t, self.freeze)
         self.gate = GradGate(p for g in groups if g["role"].startswith("transferred") for p in g["params"])
-        # data first: a bad shard folder fails here, before the engine's set-up
-        self.train_loader, self.val_loader, manifest = build_loaders(cfg, self.par.dp_rank, self.par.dp,
-                                                                     self.tokenizer_dir, source)
-        self.bytes_per_token = bytes_per_token(manifest)
         self.distill = None
         if t.distill.teacher is not None:  # after the data check, before the engine's set-up
             from megaxatl.train.distill import Distiller

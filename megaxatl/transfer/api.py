@@ -85,8 +85,8 @@ def from_donor(donor_path, config, mode: str | None = None, layer_map: list[int]
     plan = make_plan(donor.spec, cfg.model, shapes, donor.keys(), mode, layer_map)
     check_shapes(plan, shapes, donor.shape)
 
-    torch.manual_seed(cfg.train.seed if seed is None else seed)
-    model = build(cfg).to(dtype)
+    # fresh parameters: the layout-free init (models.lm.build_unit), as the streamed output has them
+    model = build(cfg, seed=cfg.train.seed if seed is None else seed).to(dtype)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for c in plan.copies:

@@ -1,4 +1,9 @@
-"""`megaxatl transfer --donor DIR --config CFG.json --out DIR`: write an initial checkpoint."""
+"""`megaxatl transfer --donor DIR --config CFG.json --out DIR`: write an initial checkpoint.
+
+The output is written one tensor at a time in the requested dtype (transfer/stream.py): by
+default a sharded model folder (DCP files at --tp x --pp, shards.json with checksums, report.json)
+from which each training rank reads only its own slices; `--format model-dir` writes one
+model.safetensors instead."""
 
 from __future__ import annotations
 
@@ -17,13 +22,17 @@ def add_transfer_args(p) -> None:
     p.add_argument("--mode", help="copy mode (default: the config's transfer.mode)")
     p.add_argument("--layer-map", help="comma-separated donor layer per target layer (default: config / evenly spaced)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights")
+    p.add_argument("--format", choices=("sharded", "model-dir"), default="sharded",
+                   help="sharded model folder (default) or a single model.safetensors")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel layout of the sharded output's files")
+    p.add_argument("--pp", type=int, default=1, help="pipeline layout of the sharded output's files")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
     p.add_argument("--quiet", action="store_true", help="no report table")
 
 
 def run_transfer(args) -> int:
     from megaxatl.config import load_config
-    from megaxatl.transfer import from_donor, write_transfer
+    from megaxatl.transfer.stream import transfer_to_folder
 
     cfg = load_config(args.config)
     donor = args.donor or cfg.transfer.donor
@@ -38,14 +47,16 @@ def run_transfer(args) -> int:
             layer_map = [int(x) for x in args.layer_map.split(",")]
         except ValueError:
             raise ValueError(f"--layer-map: expected comma-separated integers, got {args.layer_map!r}") from None
-    model, report = from_donor(donor, cfg, mode=args.mode, layer_map=layer_map, dtype=DTYPES[args.dtype])
     if args.mode:
         cfg.transfer.mode = args.mode
     if layer_map is not None:
         cfg.transfer.layer_map = layer_map
     cfg.transfer.donor = str(donor)
-    write_transfer(out, model, cfg, report, overwrite=args.overwrite)
+    report = transfer_to_folder(donor, cfg, out, dtype=DTYPES[args.dtype], tp=args.tp, pp=args.pp,
+                                fmt=args.format, overwrite=args.overwrite)
     if not args.quiet:
         print(report.table())
-    print(f"wrote {out} (model.safetensors, meta.json, report.json{', tokenizer/' if report.tokenizer_dir else ''})")
+    files = ("DCP shards at tp=%d x pp=%d, shards.json" % (args.tp, args.pp) if args.format == "sharded"
+             else "model.safetensors, meta.json")
+    print(f"wrote {out} ({files}, report.json{', tokenizer/' if report.tokenizer_dir else ''})")
     return 0
