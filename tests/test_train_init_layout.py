@@ -141,3 +141,33 @@ def test_init_from_a_sharded_folder_reads_and_verifies_only_this_ranks_files(tmp
     fill(0, 0)  # untouched: stage 0 never reads it
     with pytest.raises(CheckpointError, match=r"__3_0.distcp: checksum mismatch"):
         fill(1, 1)
+
+
+@pytest.mark.parametrize("tp,pp,extra", [
+    (2, 1, {"pos_embed": True}),  # learned positions: pipeline stages refuse them
+    (2, 2, {}),
+])
+def test_newer_family_options_gather_to_the_tp1_model(tp, pp, extra):
+    """The donor-family model options (scaled embedding, (1+w) norms, sandwich norms, q/k norm, a
+    sliding-window layer, learned positions) under the per-unit init: each unit is built exactly as
+    the whole model builds it, so the parts gather to build(cfg, seed) and (1+w) norms start at 0."""
+    from megaxatl.config import config_from_dict
+
+    model = {"vocab_size": 395, "pad_vocab_multiple": 8, "d_model": 32, "n_layers": 4, "pattern": "*WM*",
+             "d_mlp": 64, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64, "norm_placement": "sandwich", "norm": "rmsnorm",
+             "norm_unit_offset": True, "embed_scale": 5.6, "qk_norm": "head", "local_attention": {"window": 8},
+             "mamba": {"d_state": 8, "expand": 2.0}, **extra}
+    cfg = config_from_dict({"model": model})
+    whole = dict(build(cfg, seed=3).named_parameters())
+    plain = dict(build(cfg).named_parameters())  # the global-RNG init: same classes, same constant inits
+    assert torch.equal(whole["norm_f.weight"], plain["norm_f.weight"])
+    assert torch.count_nonzero(whole["norm_f.weight"]) == 0  # (1 + w): zeros are the identity
+    layout = check_layout(cfg.model, tp, pp)
+    parts = rank_parts(cfg, tp, pp, seed=3)
+    for key in layout.shapes:
+        stages = [s for s in range(pp) if key in parts[(s, 0)]]
+        assert stages, f"{key} held by no stage"
+        for s in stages:
+            got = unshard(key, [parts[(s, r)][key] for r in range(tp)], layout.rules[key])
+            assert torch.equal(got, whole[key].detach()), key
+    assert set(layout.shapes) == set(whole)

@@ -164,7 +164,7 @@ def build(cfg, seed: int | None = None) -> LM:
 
 # ---- layout-free initialisation: one unit at a time, from (seed, its global name) ---------------
 #
-# A unit is the embedding, one block, the final norm or the LM head. Its values come from a
+# A unit is the embedding, the learned positions, one block, the final norm or the LM head. Its values come from a
 # generator seeded by (seed, unit name) alone, so they are the same whatever the tensor / pipeline
 # layout, whichever rank builds them and in whatever order: a TP 2 x PP 2 rank builds only the
 # units of its stage (each one whole, then keeps its TP part), and gathering the parts gives the
@@ -173,7 +173,8 @@ def build(cfg, seed: int | None = None) -> LM:
 
 def unit_names(cfg) -> list[str]:
     cfg = getattr(cfg, "model", cfg)
-    names = ["embed"] + [f"layers.{i}" for i in range(cfg.n_layers)] + ["norm_f"]
+    names = ["embed"] + (["pos_embed"] if cfg.pos_embed else []) + [f"layers.{i}" for i in range(cfg.n_layers)]
+    names.append("norm_f")
     return names if cfg.tie_embeddings else names + ["lm_head"]
 
 

@@ -47,7 +47,7 @@ def stage_of_key(key: str, bounds: list[tuple[int, int]]) -> int:
     """The stage holding global parameter `key` (tied head: stage 0's embedding)."""
     if key.startswith("layers."):
         return stage_of_layer(bounds, int(key.split(".")[1]))
-    if key.startswith("embed."):
+    if key.startswith(("embed.", "pos_embed.")):  # both are read before the first layer
         return 0
     return len(bounds) - 1  # norm_f, lm_head
 
