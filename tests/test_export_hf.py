@@ -199,7 +199,7 @@ def test_remote_padding_gives_each_row_its_unpadded_result(tmp_path, tokenizer_d
 
 def test_forced_stock_arch_must_fit_and_remote_works_for_attention(tmp_path, tokenizer_dir):
     src = make_model(tmp_path / "model", "**", tokenizer_dir, n_kv_heads=2)
-    with pytest.raises(ExportError, match="GPTNeoXForCausalLM does not reproduce this model exactly: norm .rmsnorm. \(as GPTNeoXForCausalLM: .layernorm.\)"):
+    with pytest.raises(ExportError, match=r"GPTNeoXForCausalLM does not reproduce this model exactly: norm .rmsnorm. \(as GPTNeoXForCausalLM: .layernorm.\)"):
         export_hf(src, tmp_path / "neox", arch="gpt_neox")
     assert not (tmp_path / "neox").exists()
     out = tmp_path / "remote"
