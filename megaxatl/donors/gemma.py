@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from ._config import Cfg, hf_common, hf_layer_types
 from . import rope as rope_map
-from .keymap import KeyMap
+from .keymap import KeyMap, separate_proj_keys
 from .spec import DonorSpec
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
@@ -31,11 +31,7 @@ _BASE = {
     "layers.{}.self_attn.k_norm.weight": "layers.{}.mixer.k_norm.weight",
     "norm.weight": "norm_f.weight",
 }
-for _p in "qkvo":
-    for _kind in ("weight", "bias"):
-        _BASE[f"layers.{{}}.self_attn.{_p}_proj.{_kind}"] = f"layers.{{}}.mixer.{_p}_proj.{_kind}"
-for _p in ("gate", "up", "down"):
-    _BASE[f"layers.{{}}.mlp.{_p}_proj.weight"] = f"layers.{{}}.mlp.{_p}_proj.weight"
+_BASE |= separate_proj_keys(mlp_bias=False)
 
 _HEAD = {"lm_head.weight": "lm_head.weight"}
 # Gemma (1): the Llama block; post_attention_layernorm is the MLP's (pre) norm

@@ -100,6 +100,19 @@ def rows_split(targets: tuple[str, ...], sizes: Callable[[object], tuple[int, ..
 Rule = Union[str, Op, Fused, None]
 
 
+def separate_proj_keys(mlp_bias: bool = False) -> dict[str, str]:
+    """The Llama-style layer tensors every such family names the same way: q/k/v/o projections
+    (weight and an optional bias) under self_attn, gate/up/down under mlp."""
+    out = {}
+    for p in "qkvo":
+        for kind in ("weight", "bias"):
+            out[f"layers.{{}}.self_attn.{p}_proj.{kind}"] = f"layers.{{}}.mixer.{p}_proj.{kind}"
+    for p in ("gate", "up", "down"):
+        for kind in ("weight", "bias") if mlp_bias else ("weight",):
+            out[f"layers.{{}}.mlp.{p}_proj.{kind}"] = f"layers.{{}}.mlp.{p}_proj.{kind}"
+    return out
+
+
 @dataclass(frozen=True)
 class KeyMap:
     """A family's tables. `prefixes`: the base-model prefixes tried in order (e.g. `"model."` for a

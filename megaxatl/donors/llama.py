@@ -13,7 +13,7 @@ whatever its stored value).
 from __future__ import annotations
 
 from ._config import Cfg, hf_common, hf_layer_types, hf_rope
-from .keymap import KeyMap
+from .keymap import KeyMap, separate_proj_keys
 from .spec import DonorSpec
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -31,12 +31,7 @@ _BASE = {
     "layers.{}.self_attn.rotary_emb.inv_freq": None,
     "rotary_emb.inv_freq": None,
 }
-for _p in "qkvo":
-    for _kind in ("weight", "bias"):
-        _BASE[f"layers.{{}}.self_attn.{_p}_proj.{_kind}"] = f"layers.{{}}.mixer.{_p}_proj.{_kind}"
-for _p in ("gate", "up", "down"):
-    for _kind in ("weight", "bias"):
-        _BASE[f"layers.{{}}.mlp.{_p}_proj.{_kind}"] = f"layers.{{}}.mlp.{_p}_proj.{_kind}"
+_BASE |= separate_proj_keys(mlp_bias=True)
 
 KEYMAP = KeyMap(
     prefixes=("model.", ""),  # *ForCausalLM, bare *Model

@@ -9,7 +9,7 @@ Refused: `qk_layernorm` (a separate LayerNorm per head, StableLM-2-12B) and
 from __future__ import annotations
 
 from ._config import Cfg, hf_common, hf_rope
-from .keymap import KeyMap
+from .keymap import KeyMap, separate_proj_keys
 from .spec import DonorSpec
 
 MODEL_TYPES = ("stablelm",)
@@ -25,11 +25,7 @@ _BASE = {
 for _hf, _ours in (("input_layernorm", "norm1"), ("post_attention_layernorm", "norm2")):
     for _kind in ("weight", "bias"):
         _BASE[f"layers.{{}}.{_hf}.{_kind}"] = f"layers.{{}}.{_ours}.{_kind}"
-for _p in "qkvo":
-    for _kind in ("weight", "bias"):
-        _BASE[f"layers.{{}}.self_attn.{_p}_proj.{_kind}"] = f"layers.{{}}.mixer.{_p}_proj.{_kind}"
-for _p in ("gate", "up", "down"):
-    _BASE[f"layers.{{}}.mlp.{_p}_proj.weight"] = f"layers.{{}}.mlp.{_p}_proj.weight"
+_BASE |= separate_proj_keys(mlp_bias=False)
 
 KEYMAP = KeyMap(("model.", ""), "embed_tokens.weight", _BASE, {"lm_head.weight": "lm_head.weight"})
 KEYMAPS = {"stablelm": KEYMAP}
