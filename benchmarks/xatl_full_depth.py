@@ -33,6 +33,7 @@ import copy
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -64,6 +65,13 @@ FULL = dict(targets=["50", "75"], arms=list(ARMS), steps=24, eval_interval=4, ev
 QUICK = dict(targets=["50"], arms=["scratch", "xatl", "xatl+selected", "selected+distill"], steps=6,
              eval_interval=3, eval_steps=2, batch=4, seq_len=64, align_steps=1)
 
+
+
+def drop_weights(run_dir: Path) -> None:
+    """An arm's checkpoints and final export (~1.5 GB each at 135M) are not needed once its curve
+    is read: the metrics stay, so a full run does not leave tens of GB behind."""
+    for sub in ("checkpoints", "final"):
+        shutil.rmtree(run_dir / sub, ignore_errors=True)
 
 def first_reach(points: list[tuple[float, float]], target: float) -> float | None:
     """First x (linearly interpolated) where y <= target; None if never."""
@@ -165,6 +173,7 @@ def main(argv=None) -> int:
     donor_cfg.transfer.donor = str(donor_dir)
     run(donor_cfg)
     donor_curve = eval_curve(root / "donor")
+    drop_weights(root / "donor")
     donor_bpb = donor_curve[0]["val_bpb"]
     results["donor"] = {"val_loss": donor_curve[0]["val_loss"], "val_bpb": donor_bpb}
     print(f"[full-depth] donor: val loss {donor_curve[0]['val_loss']:.3f}, {donor_bpb:.3f} bits/byte", flush=True)
@@ -195,6 +204,7 @@ def main(argv=None) -> int:
             run(cfg)
             tres["arms"][arm_name] = {"pattern": cfg.model.pattern, "curve": eval_curve(root / k / arm_name),
                                       "wall_s": round(time.time() - t0, 1)}
+            drop_weights(root / k / arm_name)
             c = tres["arms"][arm_name]["curve"][-1]
             print(f"[full-depth] {arm_name}: val loss {c['val_loss']:.3f}, {c['val_bpb']:.3f} bits/byte "
                   f"({time.time() - t0:.0f} s)", flush=True)
