@@ -90,11 +90,11 @@ def _mamba_bytes(m, a: int, b: int, s: int, tp: int, backend: str) -> float:
     dbc = a * (r + 2 * n)  # x_proj output (dt_proj reads a view of it)
     if backend == "cuda":
         # causal_conv1d_fn keeps its input: a channel-last view of the packed in_proj output
-        # (2e); x_proj reads the conv output's transpose as is; SelectiveScanFn makes u (the
-        # channel-last conv output), delta, B, C, z contiguous and keeps them, plus its output
-        # before the gate and fp32 chunk states every 2048 steps; out_proj's transposed input
-        # is copied
-        per_token = 2 * a * e + a * e + 4 * a * e + 2 * a * n + a * e + a * e + dbc
+        # (2e); the conv output, and one contiguous copy of it, for x_proj (a transposed input) or for
+        # SelectiveScanFn (u), whichever layout it has; the scan makes delta, B, C, z contiguous
+        # and keeps them with u, its output before the gate and fp32 chunk states every 2048
+        # steps; out_proj's transposed input is copied
+        per_token = 2 * a * e + 2 * a * e + 3 * a * e + 2 * a * n + a * e + dbc
         return s * b * per_token + 4.0 * b * e * math.ceil(s / 2048) * 2 * n
     # C++ scan: the conv's zero-padded fp32 input (s + k - 1), its output (silu input), the
     # scan's fp32 u and softplus(dt), softplus' input, B and C padded to 16 lanes; the D skip's
