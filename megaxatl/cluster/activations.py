@@ -72,7 +72,7 @@ def _attention_bytes(m, symbol: str, a: int, b: int, s: int, tp: int, backend: s
     """Flash / SDPA: q, k, v (after rotary), the output (the o_proj input), the fp32
     log-sum-exp per head and row, the rotary cos / sin tables (fp32, once per call)."""
     hq = m.n_heads * m.attn_head_dim / tp
-    hkv = min(m.kv_heads, max(m.kv_heads // tp, 1)) * m.attn_head_dim if tp > 1 else m.kv_heads * m.attn_head_dim
+    hkv = max(m.kv_heads / tp, 1) * m.attn_head_dim  # KV heads are copied when t > KV heads
     per_token = a * (2 * hq + 2 * hkv) + 4 * m.n_heads / tp
     out = s * b * per_token + 2 * 4 * s * m.rotary_dim
     window = m.window_of(symbol)
@@ -109,7 +109,7 @@ def _mamba2_bytes(m, a: int, b: int, s: int, tp: int, backend: str) -> float:
     c2 = m.mamba2
     e = int(c2.expand * m.d_model) / tp
     heads = int(c2.expand * m.d_model) // c2.head_dim / tp
-    g = c2.n_groups / tp if c2.n_groups >= tp else c2.n_groups
+    g = max(c2.n_groups / tp, 1)  # a rank's heads need their group's B, C (copied when t > groups)
     n, k, t_chunk = c2.d_state, c2.d_conv, c2.chunk_size
     conv = e + 2 * g * n
     packed = a * (e + conv + heads)  # in_proj output: z, xBC, dt

@@ -62,7 +62,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, replace
 
-from megaxatl.cluster.activations import BACKENDS, CALIBRATED, block_activation_bytes
+from megaxatl.cluster.activations import BACKENDS, CALIBRATED, block_activation_bytes, dtype_bytes
 from megaxatl.cluster.layout import valid_pp, valid_tp
 from megaxatl.config.pattern import ATTENTION_SYMBOLS
 
@@ -110,10 +110,6 @@ def storage_bytes(tensors, seen: set) -> int:
             seen.add(key)
             total += st.nbytes()
     return total
-
-
-def _dtype_bytes(dtype: str) -> int:
-    return 2 if dtype == "bf16" else 4
 
 
 def param_table(model_cfg) -> list[tuple[str, int]]:
@@ -188,7 +184,7 @@ def decode_state_bytes(model_cfg, a: int, context: int) -> float:
 
 def model_state_bytes(psi: float, dtype: str, zero: int, dp: int) -> tuple[float, float, float]:
     """-> (weights, gradients, optimizer state) bytes per rank for Ψ parameters."""
-    a = _dtype_bytes(dtype)
+    a = dtype_bytes(dtype)
     w, g = a * psi, a * psi
     master = 4.0 * psi if (dtype == "bf16" or zero >= 1) else 0.0
     o = 8.0 * psi + master
@@ -204,7 +200,7 @@ def model_state_bytes(psi: float, dtype: str, zero: int, dp: int) -> tuple[float
 def activation_bytes(cfg, tp: int, pp: int, b: int, s: int, ckpt: bool, micro_batches: int,
                      backend: str = "cuda") -> float:
     m = cfg.model
-    a = _dtype_bytes(cfg.train.dtype)
+    a = dtype_bytes(cfg.train.dtype)
     symbols = m.layer_symbols
     per_stage = m.n_layers // pp
     in_flight = min(pp, micro_batches)
@@ -239,7 +235,7 @@ def plan(cfg, gpus: int, gpu_mem_gb: float, seq_len: int | None = None, micro_ba
     s = seq_len or cfg.data.seq_len
     b = micro_batch or cfg.data.micro_batch_size
     cfg = replace(cfg, data=replace(cfg.data, seq_len=s, micro_batch_size=b))
-    a = _dtype_bytes(cfg.train.dtype)
+    a = dtype_bytes(cfg.train.dtype)
     global_seqs = b * cfg.train.grad_accum * gpus
     fpt = flops_per_token(cfg)
     table = param_table(cfg.model)
@@ -321,7 +317,7 @@ def run_plan(args) -> int:
                       args.intra_gbs, args.inter_gbs, args.kernels)
     s = args.seq_len or cfg.data.seq_len
     b = args.micro_batch or cfg.data.micro_batch_size
-    a = _dtype_bytes(cfg.train.dtype)
+    a = dtype_bytes(cfg.train.dtype)
     print(f"{args.config}: {count_parameters(cfg.model) / 1e6:.1f}M parameters, {cfg.train.dtype}, "
           f"seq {s} x micro-batch {b}, global batch {b * cfg.train.grad_accum * args.gpus} sequences; "
           f"{args.gpus} GPUs x {args.gpu_mem:g} GiB; MFU {args.mfu:g} of {args.peak_tflops:g} TFLOP/s")
