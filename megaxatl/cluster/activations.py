@@ -83,6 +83,12 @@ def _attention_bytes(m, symbol: str, a: int, b: int, s: int, tp: int, backend: s
     return out
 
 
+def _channel_last_ok(channels: float, row_stride: float) -> bool:
+    """Whether causal-conv1d takes a (B, channels, L) view with unit channel stride and this
+    time stride as it is (channel-last: both multiples of 8), or copies it."""
+    return channels % 8 == 0 and row_stride % 8 == 0
+
+
 def _mamba_bytes(m, a: int, b: int, s: int, tp: int, backend: str) -> float:
     e = int(m.mamba.expand * m.d_model) / tp
     n, k = m.mamba.d_state, m.mamba.d_conv
@@ -90,11 +96,14 @@ def _mamba_bytes(m, a: int, b: int, s: int, tp: int, backend: str) -> float:
     dbc = a * (r + 2 * n)  # x_proj output (dt_proj reads a view of it)
     if backend == "cuda":
         # causal_conv1d_fn keeps its input: a channel-last view of the packed in_proj output
-        # (2e); the conv output, and one contiguous copy of it, for x_proj (a transposed input) or for
-        # SelectiveScanFn (u), whichever layout it has; the scan makes delta, B, C, z contiguous
-        # and keeps them with u, its output before the gate and fp32 chunk states every 2048
-        # steps; out_proj's transposed input is copied
-        per_token = 2 * a * e + 2 * a * e + 3 * a * e + 2 * a * n + a * e + dbc
+        # (2e) when causal-conv1d takes that layout (channels and strides multiples of 8,
+        # kernels/src/conv1d/cuda.py), else a contiguous copy (e); the conv output, and one
+        # contiguous copy of it, for x_proj (a transposed input) or for SelectiveScanFn (u),
+        # whichever layout it has; the scan makes delta, B, C, z contiguous and keeps them with
+        # u, its output before the gate and fp32 chunk states every 2048 steps; out_proj's
+        # transposed input is copied
+        conv_in = 2 * a * e if _channel_last_ok(e, 2 * e) else a * e
+        per_token = conv_in + 2 * a * e + 3 * a * e + 2 * a * n + a * e + dbc
         return s * b * per_token + 4.0 * b * e * math.ceil(s / 2048) * 2 * n
     # C++ scan: the conv's zero-padded fp32 input (s + k - 1), its output (silu input), the
     # scan's fp32 u and softplus(dt), softplus' input, B and C padded to 16 lanes; the D skip's
@@ -119,10 +128,12 @@ def _mamba2_bytes(m, a: int, b: int, s: int, tp: int, backend: str) -> float:
     # normalised form, z.float() (fp32: a view of the packed output), the out_proj input
     gate = 4 * 4 * e + (4 * e if a == 2 else packed) + a * e
     if backend == "cuda":
-        # causal_conv1d_fn keeps its channel-last input view (the packed storage); the scan
-        # reads x, B, C as views of the conv output and keeps them, dt (a view of the packed
-        # storage), its output, and the fp32 dA cumsum per head and (padded) step
-        return s * b * (packed + a * conv + a * e + gate) + 4.0 * b * heads * sp
+        # the scan keeps dt, a view of the packed storage; causal_conv1d_fn keeps its input, a
+        # view of that storage too when it takes the channel-last layout, else a contiguous
+        # copy; the scan reads x, B, C as views of the conv output (or copies B and C, channel-
+        # first) and keeps them, its output, and the fp32 dA cumsum per head and (padded) step
+        conv_copy = 0 if _channel_last_ok(conv, e + conv + heads) else a * conv
+        return s * b * (packed + conv_copy + a * conv + a * e + gate) + 4.0 * b * heads * sp
     # chunked SSD (autograd through PyTorch): x * dt, its two permuted copies and the
     # state-input contribution (4e each, padded length); the D skip's x (fp32: the conv output
     # storage; bf16: a copy, and another for the core); conv: padded fp32 input, fp32 output
