@@ -9,11 +9,14 @@ Two columns, because the same model saves different tensors on different kernels
             same ops as on CPU) plus what those kernels' autograd Functions keep, counted from
             their ctx.save_for_backward (mamba-ssm SelectiveScanFn and MambaChunkScanCombinedFn,
             causal-conv1d CausalConv1dFn, fla ChunkGLAFunction / ChunkSimpleGLAFunction) after
-            their own .contiguous() calls. Derived from the sources, not measured here (no GPU).
+            their own .contiguous() calls. Derived from the sources, not measured here (no GPU);
+            for mamba_2.8b's block it gives 241.3 MiB where a saved-tensor count with mamba-ssm's
+            kernels gave 241.8 (benchmarks/README.md).
+Our Triton kernels (a GPU without mamba-ssm / fla) are not a column of their own.
 
 Notation: s b tokens, h = d_model, a = bytes of the compute dtype (bf16 2, fp32 4), e = the SSM's
 inner width, w = heads x head_dim, t = TP size (channel-split tensors / t, h-sized ones whole).
-What costs more than the textbook count (the reasons the old planner was 1.3-2x low):
+What costs more than the textbook count (why one fused-kernel formula was 1.2-5x low):
   - every norm computes in fp32: it keeps an fp32 copy of its input (4 s b h, whatever a is;
     in bf16 a parallel-residual block makes two: norm1 and norm2 each call x.float()), and its
     output is kept again by the projection that reads it (a s b h);
