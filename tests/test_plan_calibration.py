@@ -75,6 +75,10 @@ def test_the_count_is_real_and_the_formula_can_miss():
     assert textbook < 0.9 * b16.bytes
     with pytest.raises(ValueError, match="backend"):
         block_activation_bytes(m, "M", B, S, "bf16", 1, "rocm")
+    with pytest.raises(ValueError, match="unknown mixer symbol 'X'"):
+        block_saved(m, "X", B, S, "bf16")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        block_saved(m, "M", B, S, "fp16")
 
 
 def test_cuda_column_counts_what_the_fused_kernels_keep():

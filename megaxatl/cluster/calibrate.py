@@ -68,8 +68,12 @@ def block_saved(model_cfg, symbol: str, batch: int, seq_len: int, dtype: str, de
 
     from megaxatl.models.block import Block
 
+    from megaxatl.config.pattern import MIXERS
+
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if symbol not in MIXERS:
+        raise ValueError(f"unknown mixer symbol {symbol!r} (known: {''.join(MIXERS)})")
     torch.manual_seed(seed)
     cfg = replace(model_cfg, pattern=symbol, n_layers=1)
     block = Block(symbol, cfg).to(device=device, dtype=DTYPES[dtype])
