@@ -79,7 +79,8 @@ def test_activations_shrink_with_checkpointing_tp_and_grow_with_the_scan_chunks(
     cfg = load_config(REPO / "configs" / "mamba_2.8b.json")
     full = activation_bytes(cfg, 1, 1, 8, 2048, False, 1)
     assert activation_bytes(cfg, 1, 1, 8, 2048, True, 1) < full / 4  # the logits stay
-    assert activation_bytes(cfg, 2, 1, 8, 2048, False, 1) < 0.6 * full
+    # TP halves the mixer / MLP channels; the h-sized norm tensors (a quarter here) stay whole
+    assert 0.5 * full < activation_bytes(cfg, 2, 1, 8, 2048, False, 1) < 0.65 * full
     m = cfg.model
     one, two = (layer_activation_bytes(m, "M", 1, s, 2, 1) for s in (2048, 2049))
     e = int(m.mamba.expand * m.d_model)
@@ -111,9 +112,13 @@ def test_plan_cli(capsys):
     assert rc == 0
     lines = out.splitlines()
     assert "seq 1024 x micro-batch 4" in lines[0] and lines[1].startswith("assumed: MFU")
-    assert "decode state per sequence" in lines[2]
-    assert lines[4].split()[:5] == ["TP", "PP", "DP", "ZeRO", "ckpt"] and len(lines) == 8
-    assert "comm s" in lines[4]
+    assert lines[2].startswith("activations: 'cuda' kernels") and "not measured" in lines[2]
+    assert "decode state per sequence" in lines[3]
+    assert lines[5].split()[:5] == ["TP", "PP", "DP", "ZeRO", "ckpt"] and len(lines) == 9
+    assert "comm s" in lines[5]
+    assert cli_main(["plan", "--config", str(REPO / "configs" / "mamba_2.8b.json"), "--gpus", "16", "--gpu-mem", "80",
+                     "--kernels", "torch", "--top", "1"]) == 0
+    assert "'torch' kernels, measured-calibrated" in capsys.readouterr().out
     assert cli_main(["plan", "--config", str(REPO / "configs" / "mamba_2.8b.json"), "--gpus", "1",
                      "--gpu-mem", "8"]) == 1
     assert "nothing fits in 8 GiB" in capsys.readouterr().out
@@ -132,36 +137,6 @@ def test_layout_helper_cli():
     assert layout.valid_tp(cfg.model, 16) == [1, 2, 4]
     assert "does not divide" in layout.tp_problem(cfg.model, 8)
     assert layout.valid_pp(cfg.model, 8) == [1, 2, 4]
-
-
-@pytest.mark.parametrize("symbol, low, high", [("*", 0.85, 1.15), ("M", 0.65, 1.15), ("S", 0.3, 1.0)])
-def test_activation_estimate_against_saved_tensors_of_our_blocks(symbol, low, high):
-    """The per-layer formula models fused kernels (flash attention, mamba-ssm's scans); this
-    package's torch paths on CPU save this much more (fp32, saved-tensor hooks): the bounds are
-    the measured ratios, so a change in either shows up here. Mamba-2's torch SSD keeps per-chunk
-    intermediates the fused kernel recomputes, hence its low ratio."""
-    import torch
-
-    from megaxatl.models import build
-
-    cfg = config_from_dict({"model": {"vocab_size": 512, "d_model": 128, "n_layers": 1, "pattern": symbol,
-                                      "d_mlp": 512, "n_heads": 4, "max_seq_len": 512, "mamba": {"d_state": 16},
-                                      "mamba2": {"d_state": 32, "head_dim": 32, "chunk_size": 64}}})
-    block = build(cfg).layers[0]
-    x = torch.randn(2, 256, 128, requires_grad=True)
-    skip = {p.untyped_storage().data_ptr() for p in block.parameters()} | {x.untyped_storage().data_ptr()}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            saved[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        block(x)
-    ratio = layer_activation_bytes(cfg.model, symbol, 2, 256, 4, 1) / sum(saved.values())
-    assert low <= ratio <= high, ratio
 
 
 def test_step_time_models_tp_pp_and_dp_communication_from_the_stated_bandwidths():

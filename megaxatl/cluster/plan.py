@@ -27,30 +27,14 @@ Buffers: ZeRO >= 1 adds DeepSpeed's reduce + all-gather buckets (2 x 5e7 element
 train/engine.py configures them); every rank adds `--overhead-gb` (CUDA context, NCCL, allocator
 fragmentation; default 2).
 
-Activations per layer and micro-batch (elements x a unless noted; sequence parallelism not
-modelled: the h-sized tensors are not split by t):
-    block norms / residual inputs   2 s b h
-    attention (flash / SDPA, no s^2 scores kept)   s b (h + 2 h_kv)/t (q, k, v) + s b h/t (output)
-                                    + 4 bytes x b x heads/t x s (softmax log-sum-exp)
-    MLP (gelu/relu)                 2 s b f/t (fc1 output, activation)   swiglu: 4 s b f/t
-    Mamba-1 (e = expand h, N = d_state, R = dt_rank)
-                                    s b (7 e/t + R + 2N): x and z (2e), conv output, silu(conv) = the
-                                    scan's u, delta, the scan output y, y * silu(z) (out_proj input);
-                                    x_proj output dt/B/C (the scan's B, C; row-parallel, not split);
-                                    + the scan's saved chunk states 4 bytes x b x e/t x ceil(s/2048) x 2N
-                                    (mamba-ssm's selective_scan saves them every 2048 steps)
-    Mamba-2 (g groups, P head_dim, chunk c)
-                                    s b (5 e + 6 g N)/t: z, xBC, conv(xBC), silu(xBC) = the SSD's
-                                    x, B, C, y, gated-norm output; + chunk states
-                                    4 bytes x b x e/t x ceil(s/c) x N
-    retention / GLA (w = heads x head_dim, chunk c)
-                                    7 s b w/t: q, k, v, gate, recurrence output, group norm, gated;
-                                    + chunk states 4 bytes x b x w/t x head_dim x ceil(s/c)
-    LM head / loss (last stage)     s b V/t x (a + 8): logits, their fp32 copy and its gradient
-These model fused kernels. Measured against this package's torch paths (CPU, fp32, saved-tensor
-hooks, tests/test_cluster_plan.py) the estimate is 0.92x for attention, 0.73x for Mamba-1 and
-0.42x for Mamba-2 (the torch SSD keeps per-chunk intermediates the fused kernel recomputes): on
-those paths budget more, or turn on activation checkpointing.
+Activations per block and micro-batch: cluster/activations.py, in two columns by kernel backend
+(`--kernels`): `cuda` (mamba-ssm / causal-conv1d / fla, the default for a GPU plan: counted from
+those kernels' save_for_backward, not measured) and `torch` (this package's own kernels as they
+run on CPU: measured-calibrated, tests/test_plan_calibration.py holds the formulas within 10 % of
+a saved-tensor count for every mixer in fp32 and bf16). Both count the fp32 copies the norms,
+scans and gates make and the transposes made contiguous. Sequence parallelism is not modelled
+(h-sized tensors are not split by t). LM head / loss (last stage): s b V/t x (a + 8): logits,
+their fp32 copy and its gradient (assumed).
 With activation checkpointing (one checkpoint per block): s b h x a per layer kept, plus one
 layer's full activations while it is recomputed. Pipeline (1F1B): the first stage holds
 min(p, m) micro-batches in flight (m micro-batches per step), i.e. the equivalent of all layers.
@@ -66,8 +50,9 @@ checkpointing (a second forward). Global batch fixed across layouts: B x grad_ac
     bubble = (p - 1) / (m + p - 1)  (1F1B), m = micro-batches per step per DP rank
   + TP all-reduce, PP send / receive and DP gradient reduction time from the stated link
     bandwidths (--intra-gbs, --inter-gbs; cluster/comm_model.py), not overlapped with compute.
-Measured: the model-state formulas (against DeepSpeed, above). Assumed: MFU, peak, bandwidths, and
-the activation formulas' fused kernels (their measured ratios on our torch paths are above). Layouts
+Measured: the model-state formulas (against DeepSpeed, above) and the `torch` activation column.
+Assumed: MFU, peak, bandwidths, the `cuda` activation column (from the kernels' sources) and the
+LM head's activations. Layouts
 are sorted by step time; equal times by smaller TP, then PP, then ZeRO stage (less communication),
 then memory.
 """
@@ -75,12 +60,11 @@ then memory.
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass, replace
 
+from megaxatl.cluster.activations import BACKENDS, CALIBRATED, block_activation_bytes, dtype_bytes
 from megaxatl.cluster.layout import valid_pp, valid_tp
 from megaxatl.config.pattern import ATTENTION_SYMBOLS
-from megaxatl.config.schema import GATED_MLPS
 
 GiB = 1024**3
 BUCKET = int(5e7)  # elements, train/engine.py's reduce_bucket_size and allgather_bucket_size
@@ -128,10 +112,6 @@ def storage_bytes(tensors, seen: set) -> int:
     return total
 
 
-def _dtype_bytes(dtype: str) -> int:
-    return 2 if dtype == "bf16" else 4
-
-
 def param_table(model_cfg) -> list[tuple[str, int]]:
     """(name, numel) of every parameter, from the model built on the meta device."""
     import torch
@@ -169,32 +149,9 @@ def rank_params(model_cfg, tp: int, pp: int, table: list[tuple[str, int]] | None
     return int(max(stage))
 
 
-def layer_activation_bytes(model_cfg, symbol: str, b: int, s: int, a: int, tp: int) -> float:
-    """Saved activations of one block for one micro-batch on one TP rank (see the docstring)."""
-    m, h = model_cfg, model_cfg.d_model
-    out = 2.0 * s * b * h * a  # the two norm inputs (residual stream)
-    if m.mlp != "none":
-        out += (4 if m.mlp in GATED_MLPS else 2) * s * b * m.d_mlp / tp * a
-    if symbol in ATTENTION_SYMBOLS:  # a window is a mask over the same scores
-        h_kv = m.kv_heads * m.attn_head_dim
-        h_q = m.n_heads * m.attn_head_dim
-        out += s * b * (h_q + 2 * h_kv) / tp * a + s * b * h_q / tp * a + 4.0 * b * m.n_heads / tp * s
-    elif symbol == "M":
-        e = int(m.mamba.expand * h)
-        n = m.mamba.d_state
-        r = m.mamba.dt_rank or math.ceil(h / 16)
-        out += s * b * (7 * e / tp + r + 2 * n) * a
-        out += 4.0 * b * e / tp * math.ceil(s / 2048) * 2 * n
-    elif symbol == "S":
-        e = int(m.mamba2.expand * h)
-        n, g = m.mamba2.d_state, m.mamba2.n_groups
-        out += s * b * (5 * e + 6 * g * n) / tp * a
-        out += 4.0 * b * e / tp * math.ceil(s / m.mamba2.chunk_size) * n
-    elif symbol in ("R", "G"):
-        w, heads, hd, c = _linear_attn_dims(m, symbol)
-        out += 7 * s * b * w / tp * a  # q, k, v, gate, recurrence output, group-norm output, gated
-        out += 4.0 * b * w / tp * hd * math.ceil(s / c)  # chunk states (head_dim x head_dim per head)
-    return out
+def layer_activation_bytes(model_cfg, symbol: str, b: int, s: int, a: int, tp: int, backend: str = "cuda") -> float:
+    """Saved activations of one block for one micro-batch on one TP rank (cluster/activations.py)."""
+    return block_activation_bytes(model_cfg, symbol, b, s, a, tp, backend)
 
 
 def _linear_attn_dims(m, symbol: str) -> tuple[int, int, int, int]:
@@ -227,7 +184,7 @@ def decode_state_bytes(model_cfg, a: int, context: int) -> float:
 
 def model_state_bytes(psi: float, dtype: str, zero: int, dp: int) -> tuple[float, float, float]:
     """-> (weights, gradients, optimizer state) bytes per rank for Ψ parameters."""
-    a = _dtype_bytes(dtype)
+    a = dtype_bytes(dtype)
     w, g = a * psi, a * psi
     master = 4.0 * psi if (dtype == "bf16" or zero >= 1) else 0.0
     o = 8.0 * psi + master
@@ -240,15 +197,16 @@ def model_state_bytes(psi: float, dtype: str, zero: int, dp: int) -> tuple[float
     return w, g, o
 
 
-def activation_bytes(cfg, tp: int, pp: int, b: int, s: int, ckpt: bool, micro_batches: int) -> float:
+def activation_bytes(cfg, tp: int, pp: int, b: int, s: int, ckpt: bool, micro_batches: int,
+                     backend: str = "cuda") -> float:
     m = cfg.model
-    a = _dtype_bytes(cfg.train.dtype)
+    a = dtype_bytes(cfg.train.dtype)
     symbols = m.layer_symbols
     per_stage = m.n_layers // pp
     in_flight = min(pp, micro_batches)
     worst = 0.0
     for st in range(pp):
-        layers = [layer_activation_bytes(m, sym, b, s, a, tp) for sym in symbols[st * per_stage:(st + 1) * per_stage]]
+        layers = [layer_activation_bytes(m, sym, b, s, a, tp, backend) for sym in symbols[st * per_stage:(st + 1) * per_stage]]
         if ckpt:
             stage = len(layers) * s * b * m.d_model * a * min(in_flight, pp - st) + max(layers)
         else:
@@ -264,9 +222,11 @@ def activation_bytes(cfg, tp: int, pp: int, b: int, s: int, ckpt: bool, micro_ba
 def plan(cfg, gpus: int, gpu_mem_gb: float, seq_len: int | None = None, micro_batch: int | None = None,
          mfu: float = 0.4, peak_tflops: float = 989.0, overhead_gb: float = 2.0,
          zero_stages: tuple[int, ...] = (0, 1, 2, 3), gpus_per_node: int = 8,
-         intra_gbs: float | None = None, inter_gbs: float | None = None) -> tuple[list[Row], list[Row]]:
+         intra_gbs: float | None = None, inter_gbs: float | None = None,
+         kernels: str = "cuda") -> tuple[list[Row], list[Row]]:
     """-> (layouts that fit, sorted by step time then memory; all layouts considered).
-    intra_gbs / inter_gbs: link bandwidths, GB/s per GPU (default NVLink 4 / InfiniBand NDR)."""
+    intra_gbs / inter_gbs: link bandwidths, GB/s per GPU (default NVLink 4 / InfiniBand NDR);
+    kernels: the activation column, 'cuda' or 'torch' (cluster/activations.py)."""
     from megaxatl.cluster import comm_model as cm
     from megaxatl.train.metrics import flops_per_token
 
@@ -275,7 +235,7 @@ def plan(cfg, gpus: int, gpu_mem_gb: float, seq_len: int | None = None, micro_ba
     s = seq_len or cfg.data.seq_len
     b = micro_batch or cfg.data.micro_batch_size
     cfg = replace(cfg, data=replace(cfg.data, seq_len=s, micro_batch_size=b))
-    a = _dtype_bytes(cfg.train.dtype)
+    a = dtype_bytes(cfg.train.dtype)
     global_seqs = b * cfg.train.grad_accum * gpus
     fpt = flops_per_token(cfg)
     table = param_table(cfg.model)
@@ -302,7 +262,7 @@ def plan(cfg, gpus: int, gpu_mem_gb: float, seq_len: int | None = None, micro_ba
                         + cm.pp_seconds(cfg.model, tp, pp, b, s, a, m, links)
                         + cm.dp_seconds(psi, dp, zero, a, gpus, links))
                 for ckpt in (False, True):
-                    acts = activation_bytes(cfg, tp, pp, b, s, ckpt, m)
+                    acts = activation_bytes(cfg, tp, pp, b, s, ckpt, m, kernels)
                     flops = fpt * (4 / 3 if ckpt else 1) * global_seqs * s
                     step = flops / (gpus * peak_tflops * 1e12 * mfu) / (1 - bubble) + comm
                     rows.append(Row(tp, pp, dp, zero, ckpt, psi, w, g, o, acts, buffers, step,
@@ -331,6 +291,9 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="intra-node link, GB/s per GPU (default 450: NVLink 4); TP, and PP / DP inside a node")
     p.add_argument("--inter-gbs", type=float, default=None,
                    help="inter-node link, GB/s per GPU (default 50: InfiniBand NDR 400 Gb/s)")
+    p.add_argument("--kernels", choices=BACKENDS, default="cuda",
+                   help="activation column: 'cuda' (mamba-ssm / causal-conv1d / fla, from their sources; default) "
+                        "or 'torch' (this package's kernels, measured on CPU)")
     p.add_argument("--overhead-gb", type=float, default=2.0, help="per-GPU overhead: context, NCCL, fragmentation")
     p.add_argument("--zero", type=int, action="append", choices=(0, 1, 2, 3), default=None,
                    help="only these ZeRO stages (repeatable; default all)")
@@ -351,10 +314,10 @@ def run_plan(args) -> int:
         raise CLIError(str(e)) from None
     fits, rows = plan(cfg, args.gpus, args.gpu_mem, args.seq_len, args.micro_batch, args.mfu, args.peak_tflops,
                       args.overhead_gb, tuple(args.zero or (0, 1, 2, 3)), args.gpus_per_node,
-                      args.intra_gbs, args.inter_gbs)
+                      args.intra_gbs, args.inter_gbs, args.kernels)
     s = args.seq_len or cfg.data.seq_len
     b = args.micro_batch or cfg.data.micro_batch_size
-    a = _dtype_bytes(cfg.train.dtype)
+    a = dtype_bytes(cfg.train.dtype)
     print(f"{args.config}: {count_parameters(cfg.model) / 1e6:.1f}M parameters, {cfg.train.dtype}, "
           f"seq {s} x micro-batch {b}, global batch {b * cfg.train.grad_accum * args.gpus} sequences; "
           f"{args.gpus} GPUs x {args.gpu_mem:g} GiB; MFU {args.mfu:g} of {args.peak_tflops:g} TFLOP/s")
@@ -362,6 +325,7 @@ def run_plan(args) -> int:
 
     print(f"assumed: MFU, peak, links {args.intra_gbs or NVLINK_GBS:g} GB/s in a node, "
           f"{args.inter_gbs or IB_GBS:g} GB/s between nodes (no overlap); measured: model-state bytes")
+    print(f"activations: '{args.kernels}' kernels, {CALIBRATED[args.kernels]}; LM head's assumed")
     print(f"decode state per sequence: {decode_state_bytes(cfg.model, a, s) / 2**20:.2f} MiB at context {s}")
     if not rows:
         raise CLIError(f"no TP x PP x DP layout of {args.gpus} GPUs suits this model (see megaxatl.cluster.layout)")
