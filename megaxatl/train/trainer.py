@@ -168,6 +168,8 @@ class Trainer:
         self.rank, self.world, local_rank = init_distributed()
         _quiet_deepspeed()
         self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        # the kernel backends first: a strict request that cannot run must stop the run before anything
+        self.kernels = preflight.check_kernels(cfg, self.device, source)
         from megaxatl.checkpoint.sharded import check_layout
 
         try:  # the layout is checked before anything else: TP splits, pipeline stages
@@ -278,7 +280,7 @@ class Trainer:
         self.metrics.event(self.step, "resume" if latest else "start", world_size=self.world, source=init.source,
                            layout=self.par.describe(), zero_stage=cfg.parallel.zero_stage, dtype=t.dtype,
                            transferred=len(self.transferred), flops_per_token=self.metrics.flops_per_token,
-                           **resumed)
+                           **self.kernels, **resumed)
         self.bad_streak = 0
         self._micro = 0
         self.losses: dict[int, float] = {}
