@@ -53,6 +53,8 @@ def test_every_mixer_of_every_shipped_config_at_every_tp_passes_the_kernels_chec
             assert row["checked"], (name, tp)
             for symbol, calls in row["checked"].items():
                 assert OPS[symbol] <= set(calls), (name, tp, symbol, calls)
+                if symbol == "M":  # fused at TP 1 only (x_proj / out_proj all-reduce under TP)
+                    assert ("mamba_inner" in calls) == (tp == 1), (name, tp, calls)
     ran = [(row["config"], row["tp"]) for row in rows if row["status"] == "ok"]
     assert len(ran) >= 50, ran
     # the Mamba-2 in_proj row widths the channel-last stride check rejects, all run and checked
