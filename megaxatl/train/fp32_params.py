@@ -39,7 +39,10 @@ class Fp32Masters:
         initial: `initial_values` taken before the engine's set-up, on a fresh start (a resume
         has its masters from the checkpoint)."""
         self.view = view
-        self.params = [(n, p) for n, p in named if keeps_fp32(p) and view.needs_master(p)]
+        # the same list on every rank of a DP group (refresh is collective under ZeRO): whether the
+        # optimizer keeps separate masters, not whether this rank's partition holds a piece of p
+        separate = view.copies is not None or view.flat is not None or view.z3 is not None
+        self.params = [(n, p) for n, p in named if keeps_fp32(p) and separate and p.dtype != torch.float32]
         # FP16_UnfusedOptimizer: the copies AdamW steps in place can be attached as they are
         self.live = view.copies is not None
         if initial is not None:
