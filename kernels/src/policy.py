@@ -117,8 +117,10 @@ def request(op: str, have: tuple[str, ...]) -> tuple[str | None, str | None, boo
     """(requested backend or None for automatic, who asked, strict) for `op`, whose backends are
     `have`."""
     per_op = f"MEGAXATL_KERNEL_{op.upper()}"
-    candidates = ((os.environ.get(per_op, ""), per_op, True), (os.environ.get("MEGAXATL_KERNELS", ""), "MEGAXATL_KERNELS", False),
-                  (_config["ops"].get(op, ""), f"kernels.backend.{op}", True), (_config["backend"], "kernels.backend", False))
+    candidates = ((os.environ.get(per_op, ""), per_op, True),
+                  (os.environ.get("MEGAXATL_KERNELS", ""), "MEGAXATL_KERNELS", False),
+                  (_config["ops"].get(op, ""), f"kernels.backend.{op}", True),
+                  (_config["backend"], "kernels.backend", False))
     for raw, source, specific in candidates:
         if not raw or not raw.strip():
             continue

@@ -15,8 +15,8 @@ which `params.fp32(p)` reads:
 
 On a fresh start the masters DeepSpeed made from the bf16-cast parameters are first set to the
 values before the cast (the init, init_from or transfer), which the rounding would otherwise
-lose before the first step. The masters are small (d_inner x N + 2 d_inner per Mamba-1 layer, 3 H per Mamba-2 layer). fp32
-training attaches nothing: the parameters are fp32 already.
+lose before the first step. The masters are small (d_inner x N + 2 d_inner per Mamba-1 layer,
+3 H per Mamba-2 layer). fp32 training attaches nothing: the parameters are fp32 already.
 """
 
 from __future__ import annotations
