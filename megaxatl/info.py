@@ -67,11 +67,42 @@ def config_rows(paths: list[Path]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def print_kernels(config: Path | None) -> None:
+    """Every kernel op's backend on CPU and on CUDA as dispatch would pick it now (the environment's
+    MEGAXATL_KERNEL* and, with one --config, that config's `kernels` section), then why each
+    backend that cannot run here does not."""
+    from megaxatl.kernels.dispatch import describe_backends
+
+    where = "environment"
+    if config is not None:
+        from megaxatl.config import ConfigError, load_config
+
+        try:
+            load_config(config).kernels.apply()
+            where = f"{config.name}'s kernels section and the environment"
+        except ConfigError as e:
+            print(f"kernel backends: {config.name} not applied ({e.reason})")
+    with warnings.catch_warnings():  # a fallback's warning: the table says it
+        warnings.simplefilter("ignore")
+        rows = describe_backends()
+    print(f"kernel backends, as chosen now ({where}): op, on CPU / on CUDA (usable here):")
+    for op, d in rows.items():
+        print(f"  {op:<24} {d['chosen_cpu']:<8} / {d['chosen_cuda']:<8} ({', '.join(d['available'])})")
+    missing = {why: [] for d in rows.values() for why in d["unavailable"].values()}
+    for op, d in rows.items():
+        for name, why in d["unavailable"].items():
+            missing[why].append(f"{op}:{name}")
+    if missing:
+        print("not usable here:")
+        for why, which in missing.items():
+            print(f"  {', '.join(which)}: {why}")
+
+
 def run_info(args) -> int:
     import torch
 
     print(f"megaxatl {_version('megaxatl')}  python {platform.python_version()}  torch {torch.__version__}")
-    for dist in ("deepspeed", "megatron-core", "webdataset", "transformers", "triton", "mamba-ssm", "causal-conv1d", "lm-eval"):
+    for dist in ("deepspeed", "megatron-core", "webdataset", "transformers", "triton", "mamba-ssm", "causal-conv1d", "fla-core", "lm-eval"):
         print(f"  {dist:<14} {_version(dist)}")
     print("usable:")
     cuda = torch.cuda.is_available()
@@ -79,12 +110,8 @@ def run_info(args) -> int:
     print(f"  DeepSpeed      {_usable('deepspeed', _deepspeed_probe)}")
     print(f"  megatron-core  {_usable('megatron.core.tensor_parallel', lambda m: '')} (TP collectives)")
     print(f"  webdataset     {_usable('webdataset', lambda m: '')} (data.access: stream)")
-    from megaxatl.kernels.dispatch import describe_backends
-
-    print("kernel backends (chosen on CPU / on CUDA; available):")
-    for op, d in describe_backends().items():
-        print(f"  {op:<24} {d['chosen_cpu']:<8} / {d['chosen_cuda']:<8} ({', '.join(d['available'])})")
     paths = [Path(c) for c in args.config] if args.config else shipped_configs()
+    print_kernels(paths[0] if args.config and len(paths) == 1 else None)
     if paths:
         print("configs (parameters, pattern, layers x width):")
         for name, n, pattern, shape in config_rows(paths):

@@ -162,3 +162,14 @@ def test_triton_gla_under_interpreter():
     r = subprocess.run([sys.executable, "-c", "import check_triton_gla as c; c.main()"], cwd=here, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_fla_backend_under_interpreter():
+    """The `cuda` GLA backend (flash-linear-attention) against naive.py: fla's fused_recurrent kernels
+    under TRITON_INTERPRET=1, the chunk kernels' argument mapping through fla's reference functions
+    (tests/check_fla_gla.py, in a fresh process like the Triton kernel's check)."""
+    here = Path(__file__).parent
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(here))
+    r = subprocess.run([sys.executable, "-c", "import check_fla_gla as c; c.main()"], cwd=here, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-3000:] + r.stderr[-3000:]

@@ -35,8 +35,8 @@ from .policy import BACKENDS, BackendError
 # automatic order per device type; triton on CPU is the (slow) interpreter, so only on request
 ORDER = {"cpu": ("cpu", "torch", "naive"), "cuda": ("cuda", "triton", "torch", "naive")}
 
-__all__ = ["BACKENDS", "BackendError", "ORDER", "REGISTRY", "backend_for", "choose", "describe_backends",
-           "fallback", "get_impl", "load", "startup_report", "used"]
+__all__ = ["BACKENDS", "BackendError", "ORDER", "REGISTRY", "backend_for", "choose", "contract_of",
+           "describe_backends", "fallback", "get_impl", "load", "startup_report", "used"]
 
 
 def _triton_runs(device_type: str) -> bool:
@@ -245,11 +245,27 @@ def load(op: str, name: str) -> Callable:
 _USED: Counter = Counter()  # (op, backend) -> calls
 
 
+# testing.cuda_contracts: (op, impl) -> impl that first checks the arguments as the op's `cuda`
+# backend's external kernel would (None: calls go straight to the implementation)
+_CONTRACT_HOOK: Callable[[str, Callable], Callable] | None = None
+
+
 def get_impl(op: str, tensor: torch.Tensor) -> Callable:
     """The implementation that runs `op` on `tensor` (counted in `used()`)."""
     name = backend_for(op, tensor)
     _USED[(op, name)] += 1
-    return load(op, name)
+    impl = load(op, name)
+    return impl if _CONTRACT_HOOK is None else _CONTRACT_HOOK(op, impl)
+
+
+def contract_of(op: str) -> Callable | None:
+    """The `prepare_*` function of op's `cuda` backend (its external kernel's argument checks,
+    taking the op's arguments plus `device_checks`), or None when it has none."""
+    b = _backends(op).get("cuda")
+    if b is None or b.contract is None:
+        return None
+    module, fn = b.contract.split(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), fn)
 
 
 def fallback(op: str, name: str) -> Callable:

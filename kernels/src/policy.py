@@ -6,8 +6,8 @@ for one run without editing it):
     MEGAXATL_KERNEL_<OP>=name    one op (e.g. MEGAXATL_KERNEL_SELECTIVE_SCAN=torch)
     MEGAXATL_KERNELS=name        every op that has a backend of that name (others keep their default)
     MEGAXATL_KERNELS_STRICT=1|0  strict mode on / off
-    configure(backend, ops, strict)   the config's `kernels` section (megaxatl/config/schema.py):
-                                 `backend` for every op, `ops` per op, `strict`
+    configure(backend, strict)   the config's `kernels` section (megaxatl/config/kernels.py):
+                                 `backend` one name for every op, or {op: name}; `strict`
 
 `auto` (or nothing) means the automatic choice. An unknown name is a BackendError at once; so is a
 per-op request (env or config) naming a backend that op does not have. In strict mode a requested
@@ -32,29 +32,60 @@ _config: dict = {"backend": AUTO, "ops": {}, "strict": False}
 _listeners: list[Callable[[], None]] = []
 
 
+def _unknown(name: str) -> str | None:
+    """Why `name` is not a backend name (None when it is one, or auto)."""
+    if name != AUTO and name not in BACKENDS:
+        return f"{name!r} is not a kernel backend; choose one of {AUTO}, {', '.join(BACKENDS)}"
+    return None
+
+
 def _check_name(name: str, where: str) -> str:
     name = name.strip().lower()
-    if name != AUTO and name not in BACKENDS:
-        raise BackendError(f"{where}={name!r} is not a kernel backend; choose one of {AUTO}, {', '.join(BACKENDS)}")
+    why = _unknown(name)
+    if why is not None:
+        raise BackendError(f"{where}={why}")
     return name
 
 
-def configure(backend: str = AUTO, ops: dict[str, str | None] | None = None, strict: bool = False) -> None:
-    """Set the config's request (replacing any earlier one). `ops`: {op: name or None}."""
+def problems(backend: str | dict[str, str | None]) -> list[tuple[str, str]]:
+    """(key, reason) for each name in a `kernels.backend` value that cannot be requested: an
+    unknown backend, an unknown op, an op without that backend. Keys are relative to `kernels`."""
     from .dispatch import REGISTRY  # op names; dispatch imports this module at load time
 
-    clean = {}
-    for op, name in (ops or {}).items():
+    if isinstance(backend, str):
+        why = _unknown(backend.strip().lower())
+        return [] if why is None else [("backend", why)]
+    out = []
+    for op, name in backend.items():
+        key = f"backend.{op}"
+        if op not in REGISTRY:
+            out.append((key, f"unknown kernel op; known: {', '.join(REGISTRY)}"))
+            continue
         if name is None:
             continue
-        if op not in REGISTRY:
-            raise BackendError(f"kernels.ops.{op}: unknown kernel op; known: {', '.join(REGISTRY)}")
-        clean[op] = _check_name(name, f"kernels.ops.{op}")
+        name = name.strip().lower()
+        why = _unknown(name)
+        if why is not None:
+            out.append((key, why))
+            continue
         have = [b.name for b in REGISTRY[op]]
-        if clean[op] != AUTO and clean[op] not in have:
-            raise BackendError(f"kernels.ops.{op}={clean[op]!r}: op {op!r} has no {clean[op]!r} backend "
-                               f"(it has {', '.join(have)})")
-    _config.update(backend=_check_name(backend, "kernels.backend"), ops=clean, strict=bool(strict))
+        if name != AUTO and name not in have:
+            out.append((key, f"op {op!r} has no {name!r} backend (it has {', '.join(have)})"))
+    return out
+
+
+def configure(backend: str | dict[str, str | None] = AUTO, strict: bool = False) -> None:
+    """Set the config's request (replacing any earlier one): `backend` is one name for every op
+    that has it, or {op: name or None}; BackendError naming the first bad entry."""
+    bad = problems(backend)
+    if bad:
+        key, reason = bad[0]
+        raise BackendError(f"kernels.{key}: {reason}")
+    if isinstance(backend, str):
+        _config.update(backend=backend.strip().lower(), ops={}, strict=bool(strict))
+    else:
+        ops = {op: name.strip().lower() for op, name in backend.items() if name is not None}
+        _config.update(backend=AUTO, ops=ops, strict=bool(strict))
     changed()
 
 
@@ -86,8 +117,10 @@ def request(op: str, have: tuple[str, ...]) -> tuple[str | None, str | None, boo
     """(requested backend or None for automatic, who asked, strict) for `op`, whose backends are
     `have`."""
     per_op = f"MEGAXATL_KERNEL_{op.upper()}"
-    candidates = ((os.environ.get(per_op, ""), per_op, True), (os.environ.get("MEGAXATL_KERNELS", ""), "MEGAXATL_KERNELS", False),
-                  (_config["ops"].get(op, ""), f"kernels.ops.{op}", True), (_config["backend"], "kernels.backend", False))
+    candidates = ((os.environ.get(per_op, ""), per_op, True),
+                  (os.environ.get("MEGAXATL_KERNELS", ""), "MEGAXATL_KERNELS", False),
+                  (_config["ops"].get(op, ""), f"kernels.backend.{op}", True),
+                  (_config["backend"], "kernels.backend", False))
     for raw, source, specific in candidates:
         if not raw or not raw.strip():
             continue

@@ -1,12 +1,45 @@
-"""Test utilities for kernel backends: random inputs in mamba-ssm layouts and one forward+backward
+"""Test utilities for kernel backends: random inputs in mamba-ssm layouts; one forward+backward
 that returns the output, the state and every input gradient, so a backend can be compared
-against naive.py entry by entry (used by tests/test_kernels_*.py and the benchmarks)."""
+against naive.py entry by entry (used by tests/test_kernels_*.py and the benchmarks); and
+`cuda_contracts`, which checks every dispatched call's arguments as the external GPU kernel would."""
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from collections import Counter
+from typing import Callable, Iterator
 
 import torch
+
+from . import dispatch
+
+
+@contextlib.contextmanager
+def cuda_contracts() -> Iterator[Counter]:
+    """Within: every dispatched op call (whatever backend runs it, e.g. `cpu` in a CPU test) first
+    runs its `cuda` backend's `prepare_*` on the same arguments with the device checks off, so an
+    argument mamba-ssm / causal-conv1d / fla would reject (layout, strides, dtype, shape) raises
+    ContractError here, on CPU. Yields {op: calls checked}; ops without a contract (decode steps)
+    are not counted."""
+    checked: Counter = Counter()
+
+    def hook(op: str, impl: Callable) -> Callable:
+        check = dispatch.contract_of(op)
+        if check is None:
+            return impl
+
+        def checked_call(*args, **kwargs):
+            check(*args, **kwargs, device_checks=False)
+            checked[op] += 1
+            return impl(*args, **kwargs)
+        return checked_call
+
+    before = dispatch._CONTRACT_HOOK
+    dispatch._CONTRACT_HOOK = hook
+    try:
+        yield checked
+    finally:
+        dispatch._CONTRACT_HOOK = before
 
 
 def scan_inputs(bsz=2, d=8, L=63, n=5, groups: int | None = 2, D=True, z=True, bias=True, h0=True,

@@ -65,6 +65,11 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
                 raise ConfigError(source, key, f"expected {len(args)} items, got {len(value)}")
             return tuple(_convert(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
         return [_convert(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(source, key, f"expected an object ({_type_name(tp)}), got {json.dumps(value)}")
+        kt, vt = typing.get_args(tp)
+        return {_convert(k, kt, key, source): _convert(v, vt, f"{key}.{k}", source) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key, source)
     if tp is float:

@@ -1,4 +1,4 @@
-"""The one config schema: model, transfer, parallel, data, train and logging sections.
+"""The one config schema: model, transfer, parallel, data, train, logging and kernels sections.
 
 Plain dataclasses so that the model code reads attributes, not dict keys. Loading from JSON,
 type checking and the cross-field checks live in `load.py`; the per-dataclass `check()` methods
@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from megaxatl.config.kernels import KernelsConfig
 from megaxatl.config.pattern import ATTENTION_SYMBOLS, parse_pattern
 
 Problems = list[tuple[str, str]]
@@ -605,6 +606,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
     # Free text shown by `megaxatl info`.
     description: str = ""
 
@@ -620,7 +622,7 @@ class Config:
 
     def check(self) -> Problems:
         out: Problems = []
-        for section in ("model", "transfer", "parallel", "data", "train", "logging"):
+        for section in ("model", "transfer", "parallel", "data", "train", "logging", "kernels"):
             out += [(f"{section}.{k}", r) for k, r in getattr(self, section).check()]
         m, p = self.model, self.parallel
         if self.transfer.keep_attention is not None and self.train.init_from:

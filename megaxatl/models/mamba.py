@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megaxatl.kernels import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
-from megaxatl.models.params import mark_fp32
+from megaxatl.kernels import causal_conv1d_update, mamba_inner, selective_state_update
+from megaxatl.kernels.selective.inner import compose
+from megaxatl.models.params import fp32, mark_fp32
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Mamba(nn.Module):
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, bias=conv_bias)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        mark_fp32(self.dt_proj.bias)  # the dt bias: fp32 like A_log and D (softplus of it is dt)
         self.A_log = mark_fp32(nn.Parameter(torch.empty(self.d_inner, d_state)))
         self.D = mark_fp32(nn.Parameter(torch.empty(self.d_inner)))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=proj_bias)
@@ -70,25 +72,29 @@ class Mamba(nn.Module):
         dt, B, C = torch.split(dbc, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         return F.linear(dt, self.dt_proj.weight), B, C
 
+    # Without a cache (training, scoring) everything after in_proj is one op, `mamba_inner`: on the
+    # cuda backend mamba-ssm's fused mamba_inner_fn (its scan keeps no per-step states and the conv
+    # is recomputed in backward), elsewhere the same composition of the dispatched conv and scan as
+    # below. Tensor parallelism turns it off (parallel/tensor_parallel.py): x_proj and out_proj
+    # then all-reduce, which a fused call cannot do between its steps.
+    fused_inner = True
+
     def forward(self, hidden: torch.Tensor, cache: MambaCache | None = None):
         """hidden: (B, L, D) -> (B, L, D); with `cache`, continues the cached sequence."""
         if cache is not None and hidden.shape[1] == 1:
             return self._step(hidden, cache)
-        A = -torch.exp(self.A_log.float())
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (B, d_inner, L) each
+        xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2 d_inner, L): [x; z]
         conv_w = self.conv1d.weight.squeeze(1)
+        A, D, dt_bias = -torch.exp(fp32(self.A_log)), fp32(self.D), fp32(self.dt_proj.bias)
+        if cache is None and self.fused_inner:
+            out = mamba_inner(xz, conv_w, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                              self.out_proj.weight, self.out_proj.bias, A, D, dt_bias)
+            return out, None
         if cache is None:
-            x = causal_conv1d(x, conv_w, self.conv1d.bias, activation="silu")
+            y = compose(xz, conv_w, self.conv1d.bias, self.x_proj, self.dt_proj.weight, A, D, dt_bias)
         else:
-            x, conv_state = causal_conv1d(x, conv_w, self.conv1d.bias, activation="silu",
-                                          initial_state=cache.conv, return_final_state=True)
-        dt, B, C = self._ssm_inputs(x.transpose(1, 2))
-        scan_args = dict(D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
-        if cache is None:
-            y = selective_scan(x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), **scan_args)
-        else:
-            y, ssm_state = selective_scan(x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
-                                          initial_state=cache.ssm, return_last_state=True, **scan_args)
+            y, (conv_state, ssm_state) = compose(xz, conv_w, self.conv1d.bias, self.x_proj, self.dt_proj.weight,
+                                                 A, D, dt_bias, conv_state=cache.conv, ssm_state=cache.ssm)
             cache = MambaCache(conv_state, ssm_state)
         return self.out_proj(y.transpose(1, 2)), cache
 
@@ -97,7 +103,7 @@ class Mamba(nn.Module):
         x, z = self.in_proj(hidden[:, 0]).chunk(2, dim=-1)  # (B, d_inner)
         x, conv_state = causal_conv1d_update(x, cache.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
         dt, B, C = self._ssm_inputs(x)
-        y, ssm_state = selective_state_update(cache.ssm, x, dt, -torch.exp(self.A_log.float()), B, C,
-                                              D=self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(),
+        y, ssm_state = selective_state_update(cache.ssm, x, dt, -torch.exp(fp32(self.A_log)), B, C,
+                                              D=fp32(self.D), z=z, dt_bias=fp32(self.dt_proj.bias),
                                               dt_softplus=True)
         return self.out_proj(y).unsqueeze(1), MambaCache(conv_state, ssm_state)

@@ -17,7 +17,7 @@ from torch import nn
 from megaxatl.kernels import causal_conv1d, causal_conv1d_update, ssd_scan, ssd_state_update
 from megaxatl.models.mamba import init_dt_bias
 from megaxatl.models.norms import GatedRMSNorm
-from megaxatl.models.params import mark_fp32
+from megaxatl.models.params import fp32, mark_fp32
 
 
 @dataclass
@@ -84,8 +84,8 @@ class Mamba2(nn.Module):
             xbc, conv_state = causal_conv1d(xbc.transpose(1, 2), conv_w, self.conv1d.bias, activation="silu",
                                             initial_state=cache.conv, return_final_state=True)
         x, B, C = self._split_xbc(xbc.transpose(1, 2))
-        A = -torch.exp(self.A_log.float())
-        args = dict(D=self.D.float(), dt_bias=self.dt_bias.float(), dt_softplus=True)
+        A = -torch.exp(fp32(self.A_log))
+        args = dict(D=fp32(self.D), dt_bias=fp32(self.dt_bias), dt_softplus=True)
         if cache is None:
             y = ssd_scan(x, dt, A, B, C, self.chunk_size, **args)
         else:
@@ -99,7 +99,7 @@ class Mamba2(nn.Module):
         z, xbc, dt = self._split(self.in_proj(hidden[:, 0]))
         xbc, conv_state = causal_conv1d_update(xbc, cache.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
         x, B, C = self._split_xbc(xbc)
-        y, ssm_state = ssd_state_update(cache.ssm, x, dt, -torch.exp(self.A_log.float()), B, C,
-                                        D=self.D.float(), dt_bias=self.dt_bias.float(), dt_softplus=True)
+        y, ssm_state = ssd_state_update(cache.ssm, x, dt, -torch.exp(fp32(self.A_log)), B, C,
+                                        D=fp32(self.D), dt_bias=fp32(self.dt_bias), dt_softplus=True)
         y = self.norm(y.reshape(y.shape[0], self.d_inner), z)
         return self.out_proj(y).unsqueeze(1), Mamba2Cache(conv_state, ssm_state)

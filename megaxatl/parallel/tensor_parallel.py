@@ -361,6 +361,7 @@ def apply_tensor_parallel(model: LM, tp_group, sequence_parallel: bool = False) 
             _enter_region(m, g, sp)
         elif isinstance(m, Mamba):
             m.d_inner = _split(name, m.d_inner, tp, "inner channels")
+            m.fused_inner = tp == 1  # x_proj / out_proj all-reduce between the fused op's steps
             _swap(m.x_proj, ReducedRowLinear, tp_group=g)
             _swap(m.out_proj, RowParallelLinear, tp_group=g, tp_sp=sp)
             _enter_region(m, g, sp, entry_linear="in_proj")  # forward / _step read hidden by in_proj only

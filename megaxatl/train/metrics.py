@@ -151,6 +151,9 @@ class Metrics:
         if self.enabled and self.cfg.logging.progress and event not in ("skip",):
             extra = " ".join(f"{k}={v}" for k, v in details.items() if not isinstance(v, (dict, list)))
             print(f"[megaxatl] step {step}: {event} {extra}".rstrip(), file=sys.stderr, flush=True)
+            if "kernels" in details:  # what runs each scan / conv op (preflight.check_kernels)
+                print("[megaxatl] kernels: " + " ".join(f"{op}={b}" for op, b in details["kernels"].items()),
+                      file=sys.stderr, flush=True)
 
     def train(self, step: int, total_steps: int, tokens: int, seconds: float, **values) -> None:
         """Log a training record; `tokens` processed (all ranks) in `seconds` of step time since

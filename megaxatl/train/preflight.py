@@ -12,6 +12,10 @@ headers and small JSON files, and builds no parameter storage. What it checks:
 - the data: both shard folders' manifests, seq_len, vocabulary, and the tokenizer against the
   model's (the init folder's, the donor's, or the resumed checkpoint's).
 
+- the kernel backends (`check_kernels`, first of all): the config's `kernels` section applied, the
+  backend of every op chosen for this rank's device; in strict mode a requested backend that
+  cannot run stops the run here, in one line naming the op and why.
+
 The layout against the world size is checked by the trainer before this (parallel_state).
 Returns the tokenizer folder the run uses, so the loaders are built from the same answer.
 """
@@ -33,6 +37,24 @@ def check_output(cfg: Config, source: str = "") -> None:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(source, "train.out_dir", f"{out}: {probe} is not a writable folder")
+
+
+def check_kernels(cfg: Config, device, source: str = "") -> dict[str, dict[str, str]]:
+    """Apply `cfg.kernels` and choose every op's backend on `device`. -> {"kernels": {op: backend},
+    and "kernel_fallbacks": {op: what was requested and why it does not run} when any fell back}
+    (the start event's fields). Strict and a requested backend that cannot run: ConfigError."""
+    from megaxatl.kernels import BackendError, startup_report
+
+    try:
+        cfg.kernels.apply()
+        choices = startup_report(device)
+    except BackendError as e:
+        raise ConfigError(source, "kernels", str(e)) from None
+    out = {"kernels": {op: c.backend for op, c in choices.items()}}
+    fallbacks = {op: f"{c.requested} by {c.source}: {c.reason}" for op, c in choices.items() if c.reason}
+    if fallbacks:
+        out["kernel_fallbacks"] = fallbacks
+    return out
 
 
 def meta_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:

@@ -51,6 +51,7 @@ from megaxatl.train.data import build_loaders, bytes_per_token
 from megaxatl.train.deepspeed_internals import OptimizerView, set_step_counters
 from megaxatl.train.engine import collective_device, create_engine, init_distributed
 from megaxatl.train.evaluate import evaluate, evaluate_pipeline
+from megaxatl.train.fp32_params import Fp32Masters, initial_values
 from megaxatl.train.freeze import FreezePolicy, GradGate
 from megaxatl.train.gradnorm import plan_norm
 from megaxatl.train.guard import StepGuard
@@ -168,6 +169,8 @@ class Trainer:
         self.rank, self.world, local_rank = init_distributed()
         _quiet_deepspeed()
         self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        # the kernel backends first: a strict request that cannot run must stop the run before anything
+        self.kernels = preflight.check_kernels(cfg, self.device, source)
         from megaxatl.checkpoint.sharded import check_layout
 
         try:  # the layout is checked before anything else: TP splits, pipeline stages
@@ -242,6 +245,7 @@ class Trainer:
             from megaxatl.train.distill import Distiller
 
             self.distill = Distiller.from_config(cfg, self.device, self.tokenizer_dir)
+        fp32_initial = initial_values(self.built.named) if latest is None else None  # before the bf16 cast
         self.engine = create_engine(self.built.module, optimizer, self.scheduler, cfg, self.world, mpu=self.built.mpu)
         self.opt_view = OptimizerView(self.engine.optimizer, optimizer)
         self.guard.attach(plan_norm(self.built.named, self.opt_view, self.layout, self.par.tp_rank, self.par.tp,
@@ -273,12 +277,14 @@ class Trainer:
         if self.freeze.frozen and self.gate.params:
             self.gate.close()
         self.scheduler.apply()  # the freeze state is known now
+        # bf16: A_log / D / dt bias forwards read their fp32 masters, as set-up or resume left them
+        self.fp32 = Fp32Masters(self.built.named, self.opt_view, fp32_initial)
 
         self.metrics = Metrics(cfg, self.out, self.rank, self.world, resume_step=self.step, dp=self.par.dp)
         self.metrics.event(self.step, "resume" if latest else "start", world_size=self.world, source=init.source,
                            layout=self.par.describe(), zero_stage=cfg.parallel.zero_stage, dtype=t.dtype,
                            transferred=len(self.transferred), flops_per_token=self.metrics.flops_per_token,
-                           **resumed)
+                           **self.kernels, **resumed)
         self.bad_streak = 0
         self._micro = 0
         self.losses: dict[int, float] = {}
@@ -362,6 +368,7 @@ class Trainer:
         self.guard.begin_step()
         self._micro = 0
         loss = self._pipeline_step(data) if self.pipeline else self._plain_step(data)
+        self.fp32.refresh()  # the optimizer stepped the masters
         self.step += 1
         # the LR schedule follows the step count, skipped updates included
         self.scheduler.last_step = self.step
@@ -469,6 +476,7 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+        self.fp32.release()
         self.gate.open()
         self.engine.destroy()
 

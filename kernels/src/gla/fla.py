@@ -17,7 +17,7 @@ ignored here. Outputs come back in q's dtype, states in fp32.
 # GPU path: chunk_gla / chunk_simple_gla run only on a GPU (their Triton loops do not run under the
 # interpreter: `i_t.to(tl.int64)` on a Python int). On CPU the tests run fla's fused_recurrent
 # kernels under TRITON_INTERPRET=1 against naive.py, and this argument mapping against fla's own
-# reference functions in place of the chunk kernels (tests/test_gla_fla.py).
+# reference functions in place of the chunk kernels (tests/check_fla_gla.py, run by tests/test_gla.py).
 """
 
 from __future__ import annotations
