@@ -125,6 +125,15 @@ def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return {k: v.float().clone() for k, v in state.items()}
 
 
+def reseal(ckpt: Path) -> None:
+    """Seal training checkpoint `ckpt` again over its files as they are now (what someone who
+    changed a file and rewrote the checksums too would leave)."""
+    from megaxatl.checkpoint.seal import seal_folder
+
+    meta = json.loads((ckpt / "megaxatl.json").read_text())
+    seal_folder(ckpt, "megaxatl.json", {k: v for k, v in meta.items() if k not in ("sha256", "seal")})
+
+
 def make_init_dir(cfg_data: dict, out: Path, seed: int = 7) -> tuple[dict, list[str]]:
     """A model folder like a `megaxatl transfer` output: random weights, and 'transferred' = the
     embedding, norms, MLPs and W_O (what the default copy mode copies). -> (weights, names)."""
