@@ -329,10 +329,11 @@ def save_model_dir_streaming(out: str | Path, source: TensorSource, config: dict
 
 # ---- the command --------------------------------------------------------------------------------
 
-_RESHARDED = f"{MODEL_FOLDER} or {SHARDED_FOLDER}"
+WEIGHTS_OUTPUT = f"{MODEL_FOLDER} or {SHARDED_FOLDER}"
 
 
-def _resharded(path: Path) -> bool:
+def is_weights_output(path: Path) -> bool:
+    """A model folder of either format: what reshard / transfer --overwrite may replace."""
     return is_model_dir(path) or is_sharded_dir(path)
 
 
@@ -346,8 +347,8 @@ def reshard(inp: str | Path, out: str | Path, tp: int = 1, pp: int = 1, to: str 
     out = Path(out)
     src = detect_input(inp)
     # what --overwrite may replace: an earlier reshard output (either kind), never an input
-    check_output(out, inputs=[inp, src.path, src.tokenizer_dir], overwrite=overwrite, replaceable=_resharded,
-                 kind=_RESHARDED)
+    check_output(out, inputs=[inp, src.path, src.tokenizer_dir], overwrite=overwrite, replaceable=is_weights_output,
+                 kind=WEIGHTS_OUTPUT)
     cfg = config_from_dict(src.config, str(src.path))
     layout = check_layout(cfg.model, tp, pp) if to == "sharded" else check_layout(cfg.model, 1, 1)
     source = src.open()
@@ -356,11 +357,11 @@ def reshard(inp: str | Path, out: str | Path, tp: int = 1, pp: int = 1, to: str 
     meta = {**src.meta, "resharded_from": {"path": str(src.path), "kind": src.kind}}
     if to == "sharded":
         tensors, nbytes = save_sharded_dir(out, source, layout, src.config, meta, src.tokenizer_dir, overwrite,
-                                           replaceable=_resharded, kind=_RESHARDED)
+                                           replaceable=is_weights_output, kind=WEIGHTS_OUTPUT)
         where = f"tp={tp} x pp={pp}"
     else:
         tensors, nbytes = save_model_dir_streaming(out, source, src.config, meta, src.tokenizer_dir, overwrite,
-                                                   replaceable=_resharded, kind=_RESHARDED)
+                                                   replaceable=is_weights_output, kind=WEIGHTS_OUTPUT)
         where = "full weights"
     return {"tensors": tensors, "bytes": nbytes, "layout": where, "output": str(out), "input": src.kind}
 
