@@ -72,6 +72,18 @@ def write_atomic(path: str | Path, text: str, tmp: str | Path | None = None) -> 
     fsync_dir(path.parent)
 
 
+def os_error(e: BaseException) -> OSError | None:
+    """`e` as the OSError it stands for: itself, or a Rust library's error (safetensors, tokenizers)
+    whose message ends "(os error 28)", as an OSError of that errno; None for any other error."""
+    if isinstance(e, OSError):
+        return e
+    m = re.search(r"\(os error (\d+)\)", str(e)) if isinstance(e, Exception) else None
+    if m is None:
+        return None
+    code = int(m.group(1))
+    return OSError(code, os.strerror(code))
+
+
 @contextmanager
 def naming(path: str | Path) -> Iterator[None]:
     """An OSError raised in the block that names no file names `path`."""
@@ -206,9 +218,9 @@ def atomic_dir(out: str | Path, overwrite: bool = False, replaceable: Callable[[
         yield tmp
         fsync_tree(tmp)
         publish(tmp, out)
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise named(e, tmp) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        failed = os_error(e)
+        if failed is None:
+            raise
+        raise named(failed, tmp) from None

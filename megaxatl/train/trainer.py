@@ -461,10 +461,10 @@ def _export(engine, cfg: Config, out: Path, last_ckpt: Path, step: int, transfer
     from megaxatl.checkpoint.sharded import ShardedCheckpoint
 
     final = out / "final"
-    if dist.get_rank() == 0:
-        meta = {"step": step, "transferred": transferred, "report": report, "trained_from": source}
-        tok = tokenizer_dir if tokenizer_dir and Path(tokenizer_dir).is_dir() else None
-        save_model_dir_streaming(final, ShardedCheckpoint(last_ckpt / ckpt.WEIGHTS_DIR), config_to_dict(cfg), meta,
-                                 tokenizer_dir=tok, overwrite=True)
-    dist.barrier()
+    with agreed():  # a failure on rank 0 (a full disk) stops every rank, none waits in a barrier
+        if dist.get_rank() == 0:
+            meta = {"step": step, "transferred": transferred, "report": report, "trained_from": source}
+            tok = tokenizer_dir if tokenizer_dir and Path(tokenizer_dir).is_dir() else None
+            save_model_dir_streaming(final, ShardedCheckpoint(last_ckpt / ckpt.WEIGHTS_DIR), config_to_dict(cfg),
+                                     meta, tokenizer_dir=tok, overwrite=True)
     return final
