@@ -9,6 +9,7 @@ those whose process is gone, and puts back an `.old-` folder whose replacement n
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -72,16 +73,39 @@ def write_atomic(path: str | Path, text: str, tmp: str | Path | None = None) -> 
     fsync_dir(path.parent)
 
 
-def os_error(e: BaseException) -> OSError | None:
-    """`e` as the OSError it stands for: itself, or a Rust library's error (safetensors, tokenizers)
-    whose message ends "(os error 28)", as an OSError of that errno; None for any other error."""
-    if isinstance(e, OSError):
-        return e
-    m = re.search(r"\(os error (\d+)\)", str(e)) if isinstance(e, Exception) else None
-    if m is None:
+def os_error(e: BaseException, path: str | Path | None = None) -> OSError | None:
+    """The OSError `e` stands for: itself, one it was raised from or during, a Rust library's
+    error (safetensors, tokenizers) whose message ends "(os error 28)" as an OSError of that errno,
+    or, with the `path` being written, torch's short-write RuntimeError ("unexpected pos 704 vs
+    598": the file took fewer bytes than written, the errno lost on the way) as ENOSPC when that
+    filesystem is (nearly) full, else EIO. None for any other error."""
+    seen = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    if not isinstance(e, Exception):
         return None
-    code = int(m.group(1))
-    return OSError(code, os.strerror(code))
+    m = re.search(r"\(os error (\d+)\)", str(e))
+    if m is not None:
+        code = int(m.group(1))
+        return OSError(code, os.strerror(code))
+    if path is not None and isinstance(e, RuntimeError) and "unexpected pos" in str(e):
+        code = errno.ENOSPC if _nearly_full(Path(path)) else errno.EIO
+        return OSError(code, os.strerror(code) + ("" if code == errno.ENOSPC else " (a short write)"))
+    return None
+
+
+def _nearly_full(path: Path) -> bool:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return False
+    return usage.free < min(64 << 20, usage.total // 100 + (1 << 20))
 
 
 @contextmanager
@@ -220,7 +244,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False, replaceable: Callable[[
         publish(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        failed = os_error(e)
+        failed = os_error(e, tmp)
         if failed is None:
             raise
         raise named(failed, tmp) from None

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 import torch
 
-from megaxatl.fsutil import named
+from megaxatl.fsutil import named, os_error
 
 
 class UnsafeFile(ValueError):
@@ -61,17 +61,6 @@ def load(path: str | Path, *, allow: Iterable[type] = (), map_location="cpu", mm
 _real_load, _real_save = torch.load, torch.save
 
 
-def _os_error(e: BaseException) -> OSError | None:
-    """The OSError behind a torch writer's RuntimeError (Python file writes raise it inside)."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
-
 def save(obj: Any, path: str | Path, **kwargs) -> None:
     """torch.save(obj) into a new file `path`; an I/O failure is an OSError naming `path`."""
     try:
@@ -80,7 +69,7 @@ def save(obj: Any, path: str | Path, **kwargs) -> None:
     except OSError as e:
         raise named(e, path) from None
     except RuntimeError as e:
-        cause = _os_error(e)
+        cause = os_error(e, path)
         if cause is None:
             raise
         raise named(cause, path) from None

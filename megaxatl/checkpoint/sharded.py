@@ -72,7 +72,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from megaxatl.checkpoint.agree import agree_on
 from megaxatl.checkpoint.model_dir import CheckpointError
-from megaxatl.fsutil import atomic_dir, named, sha256_file
+from megaxatl.fsutil import atomic_dir, named, os_error, sha256_file
 from megaxatl.parallel.tp_rules import Replicate, Rule, Shard, _local_part, _pieces
 
 FORMAT = "megaxatl-sharded"
@@ -258,8 +258,9 @@ class _Writer(FileSystemWriter):
 def _dcp_failure(path: Path, e: CheckpointException) -> CheckpointError | OSError:
     """DCP gathers every rank's exception; surface the first one as ours."""
     for rank, (exc, _) in sorted(e.failures.items()):
-        if isinstance(exc, OSError):  # a full disk: an I/O error naming the file, not a bad checkpoint
-            return named(exc, path)
+        failed = os_error(exc, path)
+        if failed is not None:  # a full disk: an I/O error naming the file, not a bad checkpoint
+            return named(failed, path)
         if isinstance(exc, RuntimeError) and "already exists" in str(exc):  # FileSystemWriter(overwrite=False)
             return CheckpointError(f"{path}: already holds a checkpoint ({DCP_METADATA}); save into a fresh folder")
         if isinstance(exc, CheckpointError):

@@ -1,0 +1,209 @@
+"""Hostile or unlucky events around a training run: a pickle payload planted in DeepSpeed's
+checkpoint file, flipped bytes in it, a checkpoint corrupted before a divergence, a rejected resume,
+a killed run's leftovers, a disk that fills during a save (a real small tmpfs where the machine
+allows mounting one), SIGTERM reaching one rank of two."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+
+import pytest
+from reliability_common import dead_pid, small_fs  # noqa: F401
+from test_train_common import events, launch, losses, reseal, tiny_config, train_shards, write_config  # noqa: F401
+
+from megaxatl import exitcodes
+from megaxatl.checkpoint import CheckpointError
+from megaxatl.config import ConfigError, config_from_dict
+from megaxatl.train import TrainingDiverged, run
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+def _two_checkpoints(out, train_shards, **over) -> dict:
+    """A run stopped at step 4 with checkpoints step_2 and step_4; -> its config."""
+    data = tiny_config(out, train_shards, train__steps=6, train__save_interval=2, train__eval_interval=1000, **over)
+    run(config_from_dict(data), stop_after=4)
+    return data
+
+
+def _flip(f, at: float = 0.5, mask: int = 0x40) -> None:
+    blob = bytearray(f.read_bytes())
+    i = int(len(blob) * at)
+    blob[i] ^= mask
+    f.write_bytes(bytes(blob))
+
+
+def test_a_pickle_payload_in_deepspeed_model_states_is_refused_and_never_runs(tmp_path, train_shards):
+    import torch
+
+    out = tmp_path / "r"
+    data = _two_checkpoints(out, train_shards)
+    ck = out / "checkpoints" / "step_00000004"
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('ran')",))
+
+    state = torch.load(ck / MODEL_STATES, weights_only=False)  # the test's own file: trusted here
+    state["payload"] = Payload()
+    torch.save(state, ck / MODEL_STATES)
+    reseal(ck)  # whoever planted it rewrote the checksums too: the seal cannot catch it
+    with pytest.raises(ValueError) as err:
+        run(config_from_dict(data))
+    assert str(err.value).startswith(f"{ck / MODEL_STATES}: refused: not a weights-only file (it asks to import "
+                                     "and call exec)")
+    assert not marker.exists()
+    assert exitcodes.code_of(err.value) == exitcodes.BAD_INPUT
+
+
+def test_flipped_bytes_in_deepspeed_model_states_are_refused_naming_the_newest_good_checkpoint(tmp_path, train_shards):
+    out = tmp_path / "r"
+    data = _two_checkpoints(out, train_shards)
+    bad = out / "checkpoints" / "step_00000004" / MODEL_STATES
+    _flip(bad)
+    with pytest.raises(CheckpointError) as err:
+        run(config_from_dict(data))
+    msg = str(err.value)
+    assert msg.startswith(f"{bad}: checksum mismatch (corrupt or modified file)")
+    assert "the newest checkpoint that verifies is step_00000002" in msg
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"  # nothing was changed
+    # the launcher: one line, exit 2 (bad input), nothing trained
+    proc = launch(write_config(tmp_path / "c.json", data), launcher="python")
+    assert proc.returncode == exitcodes.BAD_INPUT, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"pretrain: error: {bad}: checksum mismatch")
+    assert max(losses(out)) == 4
+    # and a rank state file (ours) is sealed the same way
+    (out / "checkpoints" / "latest").write_text("step_00000002\n")
+    _flip(out / "checkpoints" / "step_00000002" / "megaxatl_rank0.pt", mask=0x01)
+    with pytest.raises(CheckpointError, match=r"megaxatl_rank0\.pt: checksum mismatch.*no checkpoint in \S+ verifies"):
+        run(config_from_dict(data))
+
+
+def test_a_divergence_names_only_a_checkpoint_that_verifies(tmp_path, train_shards):
+    out = tmp_path / "r"
+    cfg = config_from_dict(tiny_config(out, train_shards, train__save_interval=2, train__max_bad_steps=2,
+                                       train__eval_interval=1000))
+    step4 = out / "checkpoints" / "step_00000004"
+
+    flipped = []
+
+    def fault(step, micro):
+        if step == 5 and not flipped:  # the disk corrupts the newest checkpoint, then the losses blow up
+            _flip(step4 / MODEL_STATES, mask=0x7F)
+            flipped.append(step)
+        return step >= 5
+
+    with pytest.raises(TrainingDiverged, match=r"The last good checkpoint is \S+step_00000002$"):
+        run(cfg, fault=fault)
+    assert events(out)[-1]["event"] == "diverged" and "step_00000002" in events(out)[-1]["message"]
+
+
+def test_a_rejected_resume_keeps_the_runs_config_json(tmp_path, train_shards):
+    out = tmp_path / "r"
+    data = tiny_config(out, train_shards, train__steps=4, train__save_interval=2)
+    run(config_from_dict(data), stop_after=2)
+    before = (out / "config.json").read_bytes()
+    other = json.loads(json.dumps(data))
+    other["model"]["d_mlp"] = 96
+    with pytest.raises(ConfigError, match=r"model: differs from the model of the checkpoint"):
+        run(config_from_dict(other))
+    assert (out / "config.json").read_bytes() == before
+
+
+def test_what_a_killed_run_left_is_removed_at_the_next_start(tmp_path, train_shards):
+    out = tmp_path / "r"
+    data = tiny_config(out, train_shards, train__steps=4, train__save_interval=2, train__eval_interval=1000)
+    run(config_from_dict(data), stop_after=2)
+    host = socket.gethostname()
+    left = [out / f".final.tmp-{dead_pid()}@{host}-x1y2", out / ".final.tmp-ab12cd34",  # the final export's
+            out / "checkpoints" / ".tmp-step_00000004"]  # a save's
+    for p in left:
+        p.mkdir()
+        (p / "model.safetensors").write_bytes(b"\0" * 4096)
+    res = run(config_from_dict(data))
+    assert res.completed and not any(p.exists() for p in left)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def _used(where) -> int:
+    st = os.statvfs(where)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def _pages(folder) -> int:
+    return sum(-(-p.stat().st_size // 4096) * 4096 for p in folder.rglob("*") if p.is_file())
+
+
+def test_a_full_disk_during_a_save_is_one_line_exit_3_and_keeps_the_last_checkpoint(tmp_path, train_shards, small_fs):
+    disk = small_fs(64 << 20)
+    out = disk / "r"
+    data = tiny_config(out, train_shards, train__steps=6, train__save_interval=2, train__eval_interval=1000)
+    run(config_from_dict(data), stop_after=2)
+    root = out / "checkpoints"
+    one = _pages(root / "step_00000002")
+    small_fs.resize(disk, _used(disk) + one // 2)  # room for half of the next checkpoint
+    cfg = write_config(tmp_path / "c.json", data)
+    proc = launch(cfg, launcher="python")
+    assert proc.returncode == exitcodes.IO_ERROR, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"pretrain: I/O error: {re.escape(str(root / '.tmp-step_00000004'))}\S*: "
+                        "No space left on device", line), line
+    assert "Traceback" not in proc.stderr
+    assert (root / "latest").read_text().strip() == "step_00000002"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]  # the partial save is gone
+    small_fs.resize(disk, 64 << 20)  # room again: the same command resumes from step 2
+    proc = launch(cfg, launcher="python")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert events(out)[-1]["event"] == "done" and (out / "final").is_dir()
+
+
+def test_a_full_disk_during_the_final_export_keeps_the_checkpoints(tmp_path, train_shards, monkeypatch):
+    """The final export (a model folder written beside the checkpoints): by failing its write."""
+    import errno
+
+    from megaxatl.checkpoint import reshard
+
+    out = tmp_path / "r"
+    data = tiny_config(out, train_shards, train__steps=2, train__save_interval=2, train__eval_interval=1000)
+
+    def full(file, source):
+        with open(file, "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(reshard, "_write_safetensors", full)
+    with pytest.raises(OSError) as err:
+        run(config_from_dict(data))
+    assert err.value.errno == errno.ENOSPC and str(out / ".final.tmp-") in err.value.filename
+    assert exitcodes.code_of(err.value) == exitcodes.IO_ERROR
+    assert not (out / "final").exists() and not [p for p in out.iterdir() if p.name.startswith(".final")]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+def _stop_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from megaxatl.train.stop import agree_stop
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:  # SIGTERM reached rank 1 only, in the step where rank 0 reached stop_after
+        reasons = [agree_stop(signalled=rank == 1, step_reached=rank == 0), agree_stop(False, False),
+                   agree_stop(False, rank == 1)]
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump(reasons, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_stop_reason_is_agreed_across_ranks(tmp_path):
+    import torch.multiprocessing as mp
+    from test_parallel_tp import _free_port
+
+    mp.spawn(_stop_worker, args=(2, _free_port(), str(tmp_path / "r")), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"r.{rank}").read_text()) == ["signal", None, "stop_after"]
