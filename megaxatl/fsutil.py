@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -118,6 +119,14 @@ def naming(path: str | Path) -> Iterator[None]:
 
 
 # ---- which outputs a command may write or replace ---------------------------------------------
+
+def has_format(folder: str | Path, json_name: str, fmt: str) -> bool:
+    """Whether `folder`'s JSON file `json_name` says `"format": fmt` (the kind of output it is)."""
+    try:
+        return json.loads((Path(folder) / json_name).read_text()).get("format") == fmt
+    except (OSError, ValueError, AttributeError):
+        return False
+
 
 def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents

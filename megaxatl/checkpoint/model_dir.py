@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from megaxatl.fsutil import atomic_dir, sha256_file
+from megaxatl.fsutil import atomic_dir, has_format, sha256_file
 
 FORMAT = "megaxatl-model"
 WEIGHTS = "model.safetensors"
@@ -39,10 +39,7 @@ MODEL_FOLDER = "a megaxatl model folder (meta.json)"
 
 def is_model_dir(path: str | Path) -> bool:
     """Whether `path` is a model folder (what --overwrite may replace with another one)."""
-    try:
-        return json.loads((Path(path) / META).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    return has_format(path, META, FORMAT)
 
 
 def save_model_dir(out: str | Path, state_dict: dict[str, torch.Tensor], meta: dict,

@@ -72,7 +72,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from megaxatl.checkpoint.agree import agree_on
 from megaxatl.checkpoint.model_dir import CheckpointError
-from megaxatl.fsutil import atomic_dir, named, os_error, sha256_file
+from megaxatl.fsutil import atomic_dir, has_format, named, os_error, sha256_file
 from megaxatl.parallel.tp_rules import Replicate, Rule, Shard, _local_part, _pieces
 
 FORMAT = "megaxatl-sharded"
@@ -852,10 +852,7 @@ SHARDED_FOLDER = "a megaxatl sharded model folder (shards.json)"
 
 def is_sharded_dir(path: str | Path) -> bool:
     """Whether `path` is a sharded model folder (what --overwrite may replace with another one)."""
-    try:
-        return json.loads((Path(path) / SHARDS_JSON).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    return has_format(path, SHARDS_JSON, FORMAT)
 
 
 def save_sharded_dir(out: str | Path, source: TensorSource, layout: Layout, config: dict,

@@ -5,8 +5,9 @@ Reading. DeepSpeed loads its files with `torch.load(weights_only=False)` (its ch
 the ZeRO optimizers, zero_to_fp32): a pickle planted in `mp_rank_00_model_states.pt` would run on
 resume. Inside `weights_only_loads()` every torch.load loads weights-only, allowing besides
 tensors and plain data exactly the classes DeepSpeed stores in the files it writes for us
-(measured by saving at ZeRO 0-3, fp32 / bf16, CPU offload, TP 2, PP 2; tests/test_reliability_*
-resume from each):
+(what DeepSpeed's checkpoints at ZeRO 0-3, fp32 / bf16, TP 2 and PP 2 hold; the same-layout
+resumes of tests/test_train_restart.py, test_train_parallel.py and test_train_distributed.py read
+them through this list):
 
     deepspeed.runtime.fp16.loss_scaler.LossScaler       ZeRO-1/2/3 optimizer states
     deepspeed.runtime.zero.config.ZeroStageEnum         ZeRO-1/2/3 optimizer states
@@ -19,7 +20,7 @@ train/deepspeed_internals.py covers this list too.
 Writing. Inside `recorded_saves()` each torch.save DeepSpeed makes goes through torchfile.save (an
 OSError naming the file instead of "unexpected pos ..."), and the first failure is recorded, not
 raised: a rank raising inside engine.save_checkpoint would leave the others in its collectives.
-The caller agrees on the recorded error over the ranks afterwards (train/agree.py).
+The caller agrees on the recorded error over the ranks afterwards (checkpoint/agree.py).
 """
 
 from __future__ import annotations
