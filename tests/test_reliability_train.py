@@ -139,19 +139,25 @@ def _pages(folder) -> int:
     return sum(-(-p.stat().st_size // 4096) * 4096 for p in folder.rglob("*") if p.is_file())
 
 
-def test_a_full_disk_during_a_save_is_one_line_exit_3_and_keeps_the_last_checkpoint(tmp_path, train_shards, small_fs):
+@pytest.mark.parametrize("where", ["deepspeed", "layout-free"])
+def test_a_full_disk_during_a_save_is_one_line_exit_3_and_keeps_the_last_checkpoint(tmp_path, train_shards, small_fs,
+                                                                                    where):
     disk = small_fs(64 << 20)
     out = disk / "r"
     data = tiny_config(out, train_shards, train__steps=6, train__save_interval=2, train__eval_interval=1000)
     run(config_from_dict(data), stop_after=2)
     root = out / "checkpoints"
     one = _pages(root / "step_00000002")
-    small_fs.resize(disk, _used(disk) + one // 2)  # room for half of the next checkpoint
+    ds = -(-(root / "step_00000002" / MODEL_STATES).stat().st_size // 4096) * 4096
+    # room for half of DeepSpeed's file of the next checkpoint, or for it and half of the rest
+    small_fs.resize(disk, _used(disk) + (ds // 2 if where == "deepspeed" else ds + (one - ds) // 2))
     cfg = write_config(tmp_path / "c.json", data)
     proc = launch(cfg, launcher="python")
     assert proc.returncode == exitcodes.IO_ERROR, proc.stderr[-3000:]
     line = proc.stderr.strip().splitlines()[-1]
-    assert re.fullmatch(rf"pretrain: I/O error: {re.escape(str(root / '.tmp-step_00000004'))}\S*: "
+    # DCP's writer reports a full disk without the file's name: its folder is named instead
+    failed = MODEL_STATES if where == "deepspeed" else "(weights|optimizer)(/\\S+)?"
+    assert re.fullmatch(rf"pretrain: I/O error: {re.escape(str(root / '.tmp-step_00000004'))}/{failed}: "
                         "No space left on device", line), line
     assert "Traceback" not in proc.stderr
     assert (root / "latest").read_text().strip() == "step_00000002"
@@ -183,6 +189,47 @@ def test_a_full_disk_during_the_final_export_keeps_the_checkpoints(tmp_path, tra
     assert exitcodes.code_of(err.value) == exitcodes.IO_ERROR
     assert not (out / "final").exists() and not [p for p in out.iterdir() if p.name.startswith(".final")]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+def test_sigterm_to_one_rank_of_two_stops_both_and_records_the_signal(tmp_path, train_shards):
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+    from test_train_common import BIN, PRETRAIN, REPO, clean_env, free_port
+
+    out = tmp_path / "r"
+    data = tiny_config(out, train_shards, train__steps=500, train__save_interval=1000, train__eval_interval=1000)
+    cfg = write_config(tmp_path / "c.json", data)
+    proc = subprocess.Popen([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+                             str(PRETRAIN), "--config", str(cfg)], env=clean_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if len(losses(out)) >= 2:
+                    break
+            except (OSError, ValueError):  # not there yet, or a line being written
+                pass
+            time.sleep(0.2)
+        ranks = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                 if str(PRETRAIN) in " ".join(c.cmdline()) and c.environ().get("RANK") == "1"]
+        assert len(ranks) == 1, ranks
+        ranks[0].send_signal(signal.SIGTERM)  # rank 1 only: rank 0 never sees it
+        _, err = proc.communicate(timeout=180)
+    finally:  # the whole group: a failed test must not leave ranks training in the background
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    (stop,) = [e for e in events(out) if e["event"] == "stop"]
+    assert stop["reason"] == "signal"  # the agreed reason, written by rank 0
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{stop['step']:08d}"
+    assert stop["step"] < 500
 
 
 def _stop_worker(rank: int, world: int, port: int, out: str) -> None:
