@@ -84,6 +84,47 @@ def test_flipped_bytes_in_deepspeed_model_states_are_refused_naming_the_newest_g
         run(config_from_dict(data))
 
 
+def test_flipped_bytes_in_the_dcp_weights_fail_the_resume_check(tmp_path, train_shards):
+    """weights/ is read only at a relayout or the final export, yet a checkpoint called verified
+    (resumed from, named as the newest good one) has had its DCP files hashed too."""
+    out = tmp_path / "r"
+    data = _two_checkpoints(out, train_shards)
+    bad = out / "checkpoints" / "step_00000004" / "weights" / ".metadata"
+    _flip(bad, mask=0x01)
+    with pytest.raises(CheckpointError) as err:
+        run(config_from_dict(data))
+    assert str(err.value).startswith(f"{bad}: checksum mismatch (corrupt or modified file)")
+    assert "the newest checkpoint that verifies is step_00000002" in str(err.value)
+
+
+def test_a_pickle_payload_in_dcp_metadata_is_refused_and_never_runs(tmp_path, train_shards, capsys):
+    import pickle
+
+    from megaxatl.cli import main
+    from megaxatl.fsutil import sha256_file
+
+    out = tmp_path / "r"
+    _two_checkpoints(out, train_shards)
+    ck = out / "checkpoints" / "step_00000004"
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('ran')",))
+
+    md = ck / "weights" / ".metadata"
+    md.write_bytes(pickle.dumps(Payload()))
+    shards = json.loads((ck / "weights" / "shards.json").read_text())
+    shards["sha256"][".metadata"] = sha256_file(md)  # the checksums rewritten too: the seal cannot catch it
+    (ck / "weights" / "shards.json").write_text(json.dumps(shards))
+    reseal(ck)
+    assert main(["reshard", "--in", str(ck), "--out", str(tmp_path / "s"), "--tp", "1"]) == exitcodes.BAD_INPUT
+    line = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"megaxatl reshard: error: {re.escape(str(md))}: corrupt checkpoint index "
+                        r"\(UnpicklingError: refusing to load builtins\.exec\)", line), line
+    assert not marker.exists()
+
+
 def test_a_divergence_names_only_a_checkpoint_that_verifies(tmp_path, train_shards):
     out = tmp_path / "r"
     cfg = config_from_dict(tiny_config(out, train_shards, train__save_interval=2, train__max_bad_steps=2,

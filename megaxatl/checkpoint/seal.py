@@ -25,16 +25,17 @@ FILES = "sha256"  # {relative path: digest}
 SEAL = "seal"     # the digest of the JSON itself without this key
 
 
-def files_to_seal(folder: Path, exclude: tuple[str, ...] = ()) -> list[str]:
+def files_to_seal(folder: Path, exclude: tuple[str, ...] = (), nested: bool = False) -> list[str]:
     """The relative paths (posix, sorted) a seal of `folder` lists: every file but `exclude`
-    (top-level names), and of a sub-folder with its own shards.json only that file."""
+    (top-level names), and of a sub-folder with its own shards.json only that file (nested=True:
+    every file there too, what `expand` lists)."""
     folder = Path(folder)
     out = []
 
     def walk(d: Path) -> None:
         for p in sorted(d.iterdir()):
             if p.is_dir():
-                if (p / SHARDS_JSON).is_file():
+                if (p / SHARDS_JSON).is_file() and not nested:
                     out.append((p / SHARDS_JSON).relative_to(folder).as_posix())
                 else:
                     walk(p)
@@ -76,10 +77,31 @@ def check_seal(meta: dict, f: Path) -> None:
         raise CheckpointError(f"{f}: checksum mismatch (corrupt or modified file)")
 
 
-def unlisted(folder: Path, digests: dict[str, str], exclude: tuple[str, ...] = ()) -> str | None:
+def expand(folder: Path, digests: dict[str, str]) -> tuple[dict[str, str], str | None]:
+    """The seal's `digests` plus those of the files each sealed sub-folder's shards.json lists
+    (that shards.json verified first), so that one pass over the result checks every file of the
+    folder, DCP's `.metadata` and `.distcp` files included. -> (digests, 'path: why' or None)."""
+    out = dict(digests)
+    for rel in sorted(digests):
+        if Path(rel).name != SHARDS_JSON:
+            continue
+        bad = first_mismatch(folder, digests, [rel])
+        if bad is not None:
+            return out, bad
+        f = Path(folder) / rel
+        inner = json.loads(f.read_text()).get(FILES)
+        if not isinstance(inner, dict):
+            return out, f"{f}: has no checksums, so the files of {f.parent} cannot be verified"
+        sub = Path(rel).parent.as_posix()
+        out.update({f"{sub}/{name}": digest for name, digest in inner.items()})
+    return out, None
+
+
+def unlisted(folder: Path, digests: dict[str, str], exclude: tuple[str, ...] = (), nested: bool = False) -> str | None:
     """'path: why' for the first file of `folder` its seal does not list (a file added after the
-    save: nothing may be read that was not written with the checkpoint); None when there is none."""
-    for rel in files_to_seal(folder, exclude):
+    save: nothing may be read that was not written with the checkpoint); None when there is none.
+    nested=True: `digests` is what `expand` returns, and the sealed sub-folders are checked too."""
+    for rel in files_to_seal(folder, exclude, nested):
         if rel not in digests:
             return f"{Path(folder) / rel}: not part of the checkpoint as written (not in its checksums)"
     return None

@@ -29,8 +29,10 @@ removed: the previous checkpoint and `latest` are as they were. Needs a filesyst
 (one node, or a cluster filesystem), as DeepSpeed's own checkpointing does.
 
 Verification: a resume first checks every file against the seal (`resume_point`, the ranks
-sharing the hashing); a mismatch, a missing or an unlisted file is a CheckpointError naming the
-file and the newest checkpoint that does verify. DeepSpeed's files are then read weights-only
+sharing the hashing), the DCP files of weights/ and optimizer/ included (through their shards.json)
+though a same-layout resume reads none of them: a checkpoint called verified (resumed from, named
+as the last good one) has had every file hashed. A mismatch, a missing or an unlisted file is a
+CheckpointError naming the file and the newest checkpoint that does verify. DeepSpeed's files are then read weights-only
 (train/deepspeed_files.py), ours with torchfile.load: nothing in a checkpoint can run code.
 
 Resuming: at the layout that wrote it, DeepSpeed's own files restore everything exactly. At another
@@ -57,7 +59,7 @@ import torch.distributed as dist
 from megaxatl import torchfile
 from megaxatl.checkpoint import CheckpointError
 from megaxatl.checkpoint.agree import agreed
-from megaxatl.checkpoint.seal import FILES, check_seal, files_to_seal, first_mismatch, sealed, unlisted
+from megaxatl.checkpoint.seal import FILES, check_seal, expand, files_to_seal, first_mismatch, sealed, unlisted
 from megaxatl.fsutil import fsync_dir, fsync_tree, naming, sha256_file, write_atomic
 from megaxatl.train.deepspeed_files import recorded_saves, weights_only_loads
 
@@ -162,13 +164,13 @@ def problem(path: Path) -> str | None:
             meta = read_meta(path)
         except CheckpointError as e:
             return str(e).split("; ")[0], None
-        extra = unlisted(path, meta[FILES], exclude=(META,))
-        return extra, sorted(meta[FILES])
+        # weights/ and optimizer/ too: a checkpoint called verified has had every file hashed
+        digests, bad = expand(path, meta[FILES])
+        return bad or unlisted(path, digests, exclude=(META,), nested=True), digests
 
-    found, names = _rank0_list(check_meta)
+    found, digests = _rank0_list(check_meta)
     if found is None:
-        digests = read_meta(path)[FILES]
-        mine = first_mismatch(path, digests, _share(names))
+        mine = first_mismatch(path, digests, _share(sorted(digests)))
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
         found = min((p for p in everyone if p is not None), default=None)
