@@ -66,9 +66,7 @@ def save(obj: Any, path: str | Path, **kwargs) -> None:
     try:
         with open(path, "wb") as f:
             _real_save(obj, f, **kwargs)
-    except OSError as e:
-        raise named(e, path) from None
-    except RuntimeError as e:
+    except (OSError, RuntimeError) as e:  # an OSError is its own cause (fsutil.os_error)
         cause = os_error(e, path)
         if cause is None:
             raise

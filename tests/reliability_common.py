@@ -1,5 +1,5 @@
 """Helpers of the tests/test_reliability_*.py files (no tests here): a real small filesystem to
-fill, and the pid of a process that is gone."""
+fill, the pid of a process that is gone, and a pickle payload that leaves a trace if it runs."""
 
 from __future__ import annotations
 
@@ -52,3 +52,13 @@ def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+class Payload:
+    """Pickled, it asks the unpickler to call exec, which would create the file `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))

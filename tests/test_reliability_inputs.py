@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from fixtures_models import make_model_dir, tiny_model_config
-from reliability_common import dead_pid, small_fs  # noqa: F401
+from reliability_common import Payload, dead_pid, small_fs  # noqa: F401
 from test_train_common import REPO, WORDS, clean_env
 
 from megaxatl import exitcodes
@@ -185,13 +185,8 @@ def test_a_pickle_bin_donor_is_refused_in_one_line_and_nothing_runs(tmp_path):
     from megaxatl.donors import DonorError, open_donor
 
     marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (exec, (f"open({str(marker)!r}, 'w').write('ran')",))
-
     _, path = make_tiny_donor("gpt2", tmp_path / "gpt2", fmt="bin")
-    torch.save({"transformer.wte.weight": Evil()}, path / "pytorch_model.bin")
+    torch.save({"transformer.wte.weight": Payload(marker)}, path / "pytorch_model.bin")
     with pytest.raises(DonorError) as err:
         open_donor(path)
     msg = str(err.value)

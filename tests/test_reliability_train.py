@@ -12,7 +12,7 @@ import shutil
 import socket
 
 import pytest
-from reliability_common import dead_pid, small_fs  # noqa: F401
+from reliability_common import Payload, dead_pid, small_fs  # noqa: F401
 from test_train_common import events, launch, losses, reseal, tiny_config, train_shards, write_config  # noqa: F401
 
 from megaxatl import exitcodes
@@ -44,13 +44,8 @@ def test_a_pickle_payload_in_deepspeed_model_states_is_refused_and_never_runs(tm
     data = _two_checkpoints(out, train_shards)
     ck = out / "checkpoints" / "step_00000004"
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (exec, (f"open({str(marker)!r}, 'w').write('ran')",))
-
     state = torch.load(ck / MODEL_STATES, weights_only=False)  # the test's own file: trusted here
-    state["payload"] = Payload()
+    state["payload"] = Payload(marker)
     torch.save(state, ck / MODEL_STATES)
     reseal(ck)  # whoever planted it rewrote the checksums too: the seal cannot catch it
     with pytest.raises(ValueError) as err:
@@ -107,13 +102,8 @@ def test_a_pickle_payload_in_dcp_metadata_is_refused_and_never_runs(tmp_path, tr
     _two_checkpoints(out, train_shards)
     ck = out / "checkpoints" / "step_00000004"
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (exec, (f"open({str(marker)!r}, 'w').write('ran')",))
-
     md = ck / "weights" / ".metadata"
-    md.write_bytes(pickle.dumps(Payload()))
+    md.write_bytes(pickle.dumps(Payload(marker)))
     shards = json.loads((ck / "weights" / "shards.json").read_text())
     shards["sha256"][".metadata"] = sha256_file(md)  # the checksums rewritten too: the seal cannot catch it
     (ck / "weights" / "shards.json").write_text(json.dumps(shards))
@@ -235,10 +225,9 @@ def test_a_full_disk_during_the_final_export_keeps_the_checkpoints(tmp_path, tra
 def test_sigterm_to_one_rank_of_two_stops_both_and_records_the_signal(tmp_path, train_shards):
     import signal
     import subprocess
-    import time
 
     import psutil
-    from test_train_common import BIN, PRETRAIN, REPO, clean_env, free_port
+    from test_train_common import BIN, PRETRAIN, REPO, clean_env, free_port, wait_for_steps
 
     out = tmp_path / "r"
     data = tiny_config(out, train_shards, train__steps=500, train__save_interval=1000, train__eval_interval=1000)
@@ -247,14 +236,7 @@ def test_sigterm_to_one_rank_of_two_stops_both_and_records_the_signal(tmp_path, 
                              str(PRETRAIN), "--config", str(cfg)], env=clean_env(), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if len(losses(out)) >= 2:
-                    break
-            except (OSError, ValueError):  # not there yet, or a line being written
-                pass
-            time.sleep(0.2)
+        wait_for_steps(proc, out, 2, timeout=180)
         ranks = [c for c in psutil.Process(proc.pid).children(recursive=True)
                  if str(PRETRAIN) in " ".join(c.cmdline()) and c.environ().get("RANK") == "1"]
         assert len(ranks) == 1, ranks

@@ -151,20 +151,25 @@ def make_init_dir(cfg_data: dict, out: Path, seed: int = 7) -> tuple[dict, list[
     return state, transferred
 
 
+def wait_for_steps(proc: subprocess.Popen, out_dir: Path, steps: int, timeout: float) -> None:
+    """Until run `out_dir` has logged `steps` losses, `proc` has exited, or `timeout` s passed."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(losses(out_dir)) >= steps:
+                return
+        except (OSError, ValueError):  # not there yet, or a line being written
+            pass
+        time.sleep(0.2)
+
+
 def signal_after_two_steps(proc: subprocess.Popen, out_dir: Path, sig: int) -> tuple[int, str]:
     """Once run `out_dir` has logged two steps (or after 120 s), send `sig` to `proc`; -> (the
     step it stopped at, its stderr), asserting it exited 0 with `latest` at that step."""
-    import time
-
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if len(losses(out_dir)) >= 2:
-                    break
-            except (OSError, ValueError):  # not there yet, or a line being written
-                pass
-            time.sleep(0.2)
+        wait_for_steps(proc, out_dir, 2, timeout=120)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:
