@@ -1,7 +1,7 @@
 """Hostile or unlucky inputs outside training: --overwrite onto a folder holding the input, NaN in a
 config, a bad line under --train-spm, a pickle donor, token ids past the vocabulary, a full disk
-during export-hf / prepare-data (a real small tmpfs where the machine allows mounting one), the
-leftovers of a killed prepare-data, and the exit-code table. Each case was once a silent wrong
+during export-hf / reshard / prepare-data (a real small tmpfs where the machine allows mounting
+one), the leftovers of a killed prepare-data or export, and the exit-code table. Each case was once a silent wrong
 result, a traceback, or a deleted run."""
 
 from __future__ import annotations
@@ -197,14 +197,16 @@ def test_a_pickle_bin_donor_is_refused_in_one_line_and_nothing_runs(tmp_path):
 
 # ---- a full disk, a killed run ----------------------------------------------------------------
 
-def test_export_hf_on_a_full_disk_is_one_line_exit_3_and_leaves_nothing(tmp_path, small_fs):
+@pytest.mark.parametrize("command", [["export-hf"], ["reshard", "--tp", "2"]])
+def test_export_hf_and_reshard_on_a_full_disk_are_one_line_exit_3_and_leave_nothing(tmp_path, small_fs, command):
     model = make_model_dir(tmp_path / "m", "M*", d_model=64)  # ~0.5 MB of weights
     disk = small_fs(256 << 10)
-    proc = subprocess.run([sys.executable, "-m", "megaxatl", "export-hf", "--model", str(model), "--out",
-                           str(disk / "hf")], env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    inp = "--model" if command[0] == "export-hf" else "--in"
+    proc = subprocess.run([sys.executable, "-m", "megaxatl", *command, inp, str(model), "--out", str(disk / "out")],
+                          env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == exitcodes.IO_ERROR, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and re.fullmatch(rf"megaxatl export-hf: I/O error: {disk}/\S+: No space left on device",
+    assert len(lines) == 1 and re.fullmatch(rf"megaxatl {command[0]}: I/O error: {disk}/\S+: No space left on device",
                                             lines[0]), lines
     assert list(disk.iterdir()) == []  # the temporary folder is gone: the disk is free again
 
@@ -240,8 +242,11 @@ def test_prepare_data_write_failure_without_a_small_disk(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == [tmp_path / "c"]
 
 
-def test_what_a_killed_prepare_data_left_is_removed_by_the_next(tmp_path):
+@pytest.mark.parametrize("command", ["prepare-data", "export-hf"])
+def test_what_a_killed_prepare_data_or_export_left_is_removed_by_the_next(tmp_path, command):
     import socket
+
+    from megaxatl.export import export_hf
 
     host = socket.gethostname()
     stale = [tmp_path / f".ds.tmp-{dead_pid()}@{host}-abcd", tmp_path / ".ds.tmp-1a2b3c4d"]  # ours, an older name
@@ -249,8 +254,11 @@ def test_what_a_killed_prepare_data_left_is_removed_by_the_next(tmp_path):
     for p in (*stale, alive):
         p.mkdir()
         (p / "train-00000.tar").write_bytes(b"x" * 1000)
-    prepare_data([corpus(tmp_path / "c")], tmp_path / "ds", train_spm=300, seq_len=16, val_docs=1, num_proc=1)
-    assert not any(p.exists() for p in stale) and alive.is_dir()
+    if command == "prepare-data":
+        prepare_data([corpus(tmp_path / "c")], tmp_path / "ds", train_spm=300, seq_len=16, val_docs=1, num_proc=1)
+    else:
+        export_hf(make_model_dir(tmp_path / "m", "M*"), tmp_path / "ds")
+    assert not any(p.exists() for p in stale) and alive.is_dir() and (tmp_path / "ds").is_dir()
 
 
 # ---- the exit-code table ----------------------------------------------------------------------
