@@ -197,7 +197,8 @@ def test_a_pickle_bin_donor_is_refused_in_one_line_and_nothing_runs(tmp_path):
 
 # ---- a full disk, a killed run ----------------------------------------------------------------
 
-@pytest.mark.parametrize("command", [["export-hf"], ["reshard", "--tp", "2"]])
+@pytest.mark.parametrize("command", [["export-hf"], ["reshard", "--tp", "2"],
+                                     ["reshard", "--to", "model-dir"]])  # the final export's writer
 def test_export_hf_and_reshard_on_a_full_disk_are_one_line_exit_3_and_leave_nothing(tmp_path, small_fs, command):
     model = make_model_dir(tmp_path / "m", "M*", d_model=64)  # ~0.5 MB of weights
     disk = small_fs(256 << 10)
