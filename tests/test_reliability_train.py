@@ -37,20 +37,21 @@ def _flip(f, at: float = 0.5, mask: int = 0x40) -> None:
     f.write_bytes(bytes(blob))
 
 
-def test_a_pickle_payload_in_deepspeed_model_states_is_refused_and_never_runs(tmp_path, train_shards):
+@pytest.mark.parametrize("name", [MODEL_STATES, "megaxatl_rank0.pt"])  # DeepSpeed's (model + optimizer), ours
+def test_a_pickle_payload_in_a_checkpoint_file_is_refused_and_never_runs(tmp_path, train_shards, name):
     import torch
 
     out = tmp_path / "r"
     data = _two_checkpoints(out, train_shards)
     ck = out / "checkpoints" / "step_00000004"
     marker = tmp_path / "pwned"
-    state = torch.load(ck / MODEL_STATES, weights_only=False)  # the test's own file: trusted here
+    state = torch.load(ck / name, weights_only=False)  # the test's own file: trusted here
     state["payload"] = Payload(marker)
-    torch.save(state, ck / MODEL_STATES)
+    torch.save(state, ck / name)
     reseal(ck)  # whoever planted it rewrote the checksums too: the seal cannot catch it
     with pytest.raises(ValueError) as err:
         run(config_from_dict(data))
-    assert str(err.value).startswith(f"{ck / MODEL_STATES}: refused: not a weights-only file (it asks to import "
+    assert str(err.value).startswith(f"{ck / name}: refused: not a weights-only file (it asks to import "
                                      "and call exec)")
     assert not marker.exists()
     assert exitcodes.code_of(err.value) == exitcodes.BAD_INPUT
