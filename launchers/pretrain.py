@@ -4,8 +4,11 @@
     deepspeed --num_gpus 2 launchers/pretrain.py --config C       (2 ranks; CPU ranks without GPUs)
     torchrun --nproc_per_node 2 launchers/pretrain.py --config C
 
-Exit codes: 0 done or stopped with a checkpoint (preempted: rerun to resume), 1 the run diverged
-(non-finite losses; checkpoints kept), 2 a bad config / input (one line naming file and key).
+Exit codes (the table in megaxatl/exitcodes.py, shared with the `megaxatl` commands): 0 done or
+stopped with a checkpoint (preempted: rerun to resume), 1 the run diverged (non-finite losses;
+checkpoints kept), 2 a bad config / input (one line naming file and key), 3 an I/O failure such as
+a full disk (one line naming the path; the previous checkpoint and `latest` are intact), 4 an
+unexpected error (one line; the traceback in a file it names, or on stderr with MEGAXATL_DEBUG=1).
 """
 
 from __future__ import annotations
@@ -32,33 +35,21 @@ def main(argv=None) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    from megaxatl import exitcodes
     from megaxatl.config import ConfigError
     from megaxatl.train.overrides import load_with_overrides
 
+    out_dir = None
     try:
         cfg = load_with_overrides(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"pretrain: config error: {e}", file=sys.stderr)
-        return 2
-    from megaxatl.train import TrainingDiverged, run
-    from megaxatl.train.deepspeed_internals import UnsupportedDeepSpeed
+        out_dir = cfg.train.out_dir
+        from megaxatl.train import run
 
-    try:
         result = run(cfg, source=args.config, stop_after=args.stop_after)
-    except UnsupportedDeepSpeed as e:
-        print(f"pretrain: {e}", file=sys.stderr)
-        return 2
     except ConfigError as e:
-        print(f"pretrain: config error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"pretrain: diverged: {e}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        if os.environ.get("MEGAXATL_DEBUG"):
-            raise
-        print(f"pretrain: error: {e}", file=sys.stderr)
-        return 2
+        return exitcodes.report("pretrain", e, label="config error: ")
+    except (Exception, KeyboardInterrupt) as e:  # one line and the code of exitcodes.py
+        return exitcodes.report("pretrain", e, traceback_dir=out_dir if out_dir and os.path.isdir(out_dir) else None)
     finally:
         _shutdown()
     if os.environ.get("RANK", "0") != "0":

@@ -1,15 +1,17 @@
 """The `megaxatl` console script: one subcommand per operator task.
 
-Every subcommand prints one clear line on bad input and exits non-zero (no traceback unless
-MEGAXATL_DEBUG=1), and none writes a partial output in place of a good one.
+Every subcommand prints one clear line on bad input and exits non-zero with a code from the one
+table in megaxatl/exitcodes.py (no traceback unless MEGAXATL_DEBUG=1: an unexpected error's goes
+to a file the line names), and none writes a partial output in place of a good one.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from importlib import import_module
+
+from megaxatl import exitcodes
 
 # name -> (module, add-arguments function, run function, help). Modules are imported lazily so
 # `megaxatl info` stays fast and a broken optional dependency only affects its own command.
@@ -42,6 +44,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 class CLIError(Exception):
     """An operator error: printed as one line, exit code 2."""
 
+    exit_code = exitcodes.BAD_INPUT
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megaxatl", description=__doc__.splitlines()[0])
@@ -57,17 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     module, _, run, _ = COMMANDS[args.command]
     try:
         return int(getattr(import_module(module), run)(args) or 0)
-    except KeyboardInterrupt:
-        print("megaxatl: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # one line for the operator; the traceback on request
-        if os.environ.get("MEGAXATL_DEBUG"):
-            raise
-        known = isinstance(e, (CLIError, ValueError, FileNotFoundError, FileExistsError, PermissionError))
-        print(f"megaxatl {args.command}: error: {e}" if known else
-              f"megaxatl {args.command}: error: {type(e).__name__}: {e} (MEGAXATL_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as e:  # one line for the operator (exitcodes.py)
+        return exitcodes.report(f"megaxatl {args.command}", e)
 
 
 if __name__ == "__main__":

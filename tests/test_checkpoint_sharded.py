@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 
 from megaxatl.checkpoint import CheckpointError, load_model_dir, save_model_dir
 from megaxatl.checkpoint.reshard import DictSource, reshard, save_model_dir_streaming
+from megaxatl.checkpoint.seal import seal_folder
 from megaxatl.checkpoint.sharded import (
     Chunk,
     ShardedCheckpoint,
@@ -213,8 +214,8 @@ def test_single_process_save_sharded_and_training_checkpoint_input(folders, tmp_
     assert_same(read_full(ck / "weights"), sd)
     tok = tmp_path / "tok"
     tok.mkdir()
-    (ck / "megaxatl.json").write_text(json.dumps({"config": config_dict("mamba2_groups2"), "step": 5,
-                                                   "tokenizer_dir": str(tok), "layout": {"tp": 1, "pp": 1}}))
+    seal = {"config": config_dict("mamba2_groups2"), "step": 5, "tokenizer_dir": str(tok), "layout": {"tp": 1, "pp": 1}}
+    seal_folder(ck, "megaxatl.json", seal)  # what the trainer writes last: every file's sha256
     (ck.parent / "latest").write_text("step_00000005\n")
     out = tmp_path / "out"
     reshard(ck.parent, out, 2, 1)  # the checkpoints root stands for the checkpoint `latest` names
@@ -268,7 +269,7 @@ def test_deepspeed_zero0_checkpoint(folders, tmp_path):
     # the layout of DeepSpeed's ZeRO-0 mp_rank_00_model_states.pt (the weights under "module")
     torch.save({"module": sd, "buffer_names": [], "param_shapes": None, "ds_version": "0.19.8",
                 "ds_config": {"zero_optimization": {"stage": 0}}, "global_steps": 3}, ck / "mp_rank_00_model_states.pt")
-    (ck / "megaxatl.json").write_text(json.dumps(_deepspeed_meta("gla", 0)))
+    seal_folder(ck, "megaxatl.json", _deepspeed_meta("gla", 0))
     assert main(["reshard", "--in", str(ck), "--out", str(tmp_path / "s"), "--tp", "2"]) == 0
     assert_same(read_full(tmp_path / "s"), sd)
 
@@ -278,6 +279,7 @@ import json, os, socket, sys
 import torch, torch.distributed as dist
 sys.path.insert(0, {tests!r})
 from test_checkpoint_sharded import _deepspeed_meta, weights
+from megaxatl.checkpoint.seal import seal_folder
 from megaxatl.config import config_from_dict
 from megaxatl.models import build
 import deepspeed
@@ -292,8 +294,7 @@ ds = {{"train_micro_batch_size_per_gpu": 1, "zero_optimization": {{"stage": 1}},
       "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}}
 engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=ds)
 engine.save_checkpoint({root!r}, tag="step_00000003")
-with open(os.path.join({root!r}, "step_00000003", "megaxatl.json"), "w") as f:
-    json.dump(meta, f)
+seal_folder(os.path.join({root!r}, "step_00000003"), "megaxatl.json", meta)
 """
 
 

@@ -58,7 +58,7 @@ def test_launcher_stops_with_one_line_outside_the_range(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("pretrain:")]
-    assert lines == [f"pretrain: deepspeed 0.99.0 is not supported: the trainer reads DeepSpeed's internal "
+    assert lines == [f"pretrain: error: deepspeed 0.99.0 is not supported: the trainer reads DeepSpeed's internal "
                      f"optimizer and ZeRO state, checked on {dsi.supported_range()} "
                      f"(pip install '{dsi.supported_range()}')"]
     assert not (tmp_path / "run").exists()

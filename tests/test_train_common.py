@@ -125,6 +125,15 @@ def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return {k: v.float().clone() for k, v in state.items()}
 
 
+def reseal(ckpt: Path) -> None:
+    """Seal training checkpoint `ckpt` again over its files as they are now (what someone who
+    changed a file and rewrote the checksums too would leave)."""
+    from megaxatl.checkpoint.seal import seal_folder
+
+    meta = json.loads((ckpt / "megaxatl.json").read_text())
+    seal_folder(ckpt, "megaxatl.json", {k: v for k, v in meta.items() if k not in ("sha256", "seal")})
+
+
 def make_init_dir(cfg_data: dict, out: Path, seed: int = 7) -> tuple[dict, list[str]]:
     """A model folder like a `megaxatl transfer` output: random weights, and 'transferred' = the
     embedding, norms, MLPs and W_O (what the default copy mode copies). -> (weights, names)."""
@@ -142,20 +151,25 @@ def make_init_dir(cfg_data: dict, out: Path, seed: int = 7) -> tuple[dict, list[
     return state, transferred
 
 
+def wait_for_steps(proc: subprocess.Popen, out_dir: Path, steps: int, timeout: float) -> None:
+    """Until run `out_dir` has logged `steps` losses, `proc` has exited, or `timeout` s passed."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(losses(out_dir)) >= steps:
+                return
+        except (OSError, ValueError):  # not there yet, or a line being written
+            pass
+        time.sleep(0.2)
+
+
 def signal_after_two_steps(proc: subprocess.Popen, out_dir: Path, sig: int) -> tuple[int, str]:
     """Once run `out_dir` has logged two steps (or after 120 s), send `sig` to `proc`; -> (the
     step it stopped at, its stderr), asserting it exited 0 with `latest` at that step."""
-    import time
-
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if len(losses(out_dir)) >= 2:
-                    break
-            except (OSError, ValueError):  # not there yet, or a line being written
-                pass
-            time.sleep(0.2)
+        wait_for_steps(proc, out_dir, 2, timeout=120)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:

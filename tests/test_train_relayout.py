@@ -8,7 +8,7 @@ import pytest
 
 from megaxatl.config import config_from_dict
 from megaxatl.train import run
-from test_train_common import continue_in, events, records, tiny_config, train_shards  # noqa: F401
+from test_train_common import continue_in, events, records, reseal, tiny_config, train_shards  # noqa: F401
 
 
 def assert_same(ref: dict, got: dict, steps, keys=("loss",)):
@@ -107,7 +107,9 @@ def test_a_checkpoint_without_layout_free_weights_resumes_only_at_its_layout(tmp
     data = tiny_config(tmp_path / "a", train_shards, train__steps=4, train__save_interval=2)
     run(config_from_dict(data), stop_after=2)
     b = continue_in(tmp_path / "a", tmp_path / "b", data, zero_stage=1)
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_00000002" / "weights")
+    ck = tmp_path / "b" / "checkpoints" / "step_00000002"
+    shutil.rmtree(ck / "weights")  # a checkpoint as written without weights/: sealed without it
+    reseal(ck)
     with pytest.raises(ConfigError, match=r"parallel.*no layout-free weights/.*\(TP 1 x PP 1 x DP 1, ZeRO-0, fp32\)"):
         run(config_from_dict(b))
 
@@ -154,11 +156,11 @@ def _agreed_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     from megaxatl.checkpoint import CheckpointError
-    from megaxatl.train.portable import agreed
+    from megaxatl.checkpoint.agree import agreed
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        with agreed("ckpt/weights"):
+        with agreed():
             if rank == 1:
                 raise CheckpointError("ckpt/weights/__1_0.distcp: checksum mismatch")
         result = "no error"
@@ -172,10 +174,10 @@ def _agreed_worker(rank: int, world: int, port: int, out: str) -> None:
 
 def test_a_read_error_on_one_rank_stops_every_rank(tmp_path):
     """A corrupt shard read by one rank only: every rank raises (none waits in a collective for
-    the one that stopped), the reader with its own error naming the file."""
+    the one that stopped), the reader with its own error naming the file, the others with it too."""
     import torch.multiprocessing as mp
     from test_parallel_tp import _free_port
 
     mp.spawn(_agreed_worker, args=(2, _free_port(), str(tmp_path / "r")), nprocs=2, join=True)
     assert (tmp_path / "r.1").read_text() == "ckpt/weights/__1_0.distcp: checksum mismatch"
-    assert (tmp_path / "r.0").read_text() == "ckpt/weights: failed on another rank (its error names the file)"
+    assert (tmp_path / "r.0").read_text() == "ckpt/weights/__1_0.distcp: checksum mismatch (on rank 1)"

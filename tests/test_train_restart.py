@@ -110,12 +110,13 @@ def test_a_save_that_dies_half_way_leaves_the_previous_checkpoint(tmp_path, trai
         monkeypatch.setattr(TorchCheckpointEngine, "save", failing_writer)
     else:
         monkeypatch.setattr(ckpt, "fsync_tree", failing_fsync)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="No space left") as err:
         run(cfg)
     root = out / "checkpoints"
+    assert str(root / ".tmp-step_00000004") in str(err.value.filename)  # names the file (or the folder)
     assert (root / "latest").read_text().strip() == "step_00000002"
     assert ckpt.find_latest(root) == root / "step_00000002"
-    assert not (root / "step_00000004").exists() and (root / ".tmp-step_00000004").exists()
+    assert not (root / "step_00000004").exists() and not (root / ".tmp-step_00000004").exists()
 
     monkeypatch.undo()  # the disk has room again: the same config resumes from step 2
     res = run(cfg)
@@ -123,24 +124,26 @@ def test_a_save_that_dies_half_way_leaves_the_previous_checkpoint(tmp_path, trai
     assert not any(p.name.startswith(".tmp") for p in root.iterdir())
 
 
-@pytest.mark.parametrize("victim", ["mp_rank_00_model_states.pt", "megaxatl_rank0.pt", "megaxatl.json"])
-def test_a_corrupt_checkpoint_file_is_named(tmp_path, train_shards, victim):
+@pytest.mark.parametrize("victim,why", [("mp_rank_00_model_states.pt", "checksum mismatch"),
+                                        ("megaxatl_rank0.pt", "checksum mismatch"),
+                                        ("megaxatl.json", "corrupt checkpoint metadata")])
+def test_a_corrupt_checkpoint_file_is_named(tmp_path, train_shards, victim, why):
     out = tmp_path / "r"
     data = tiny_config(out, train_shards, train__steps=6, train__save_interval=100, train__eval_interval=1000)
     first = run(config_from_dict(data), stop_after=2)
     bad = first.checkpoint / victim
     blob = bad.read_bytes()
     bad.write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(ckpt.CheckpointError, match=rf"^{bad}: corrupt checkpoint") as err:
+    with pytest.raises(ckpt.CheckpointError, match=rf"^{bad}: {why}") as err:
         run(config_from_dict(data))
-    assert "step_00000002 aside" in str(err.value)
+    assert "step_00000002 aside" in str(err.value) and "no checkpoint" in str(err.value)
     if victim == "mp_rank_00_model_states.pt":  # and the launcher says it in one line, exit 2
         cfg = tmp_path / "c.json"
         cfg.write_text(json.dumps(data))
         proc = subprocess.run([sys.executable, str(PRETRAIN), "--config", str(cfg)], env=clean_env(), cwd=REPO,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2
-        assert proc.stderr.strip().splitlines()[-1].startswith(f"pretrain: error: {bad}: corrupt checkpoint file")
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"pretrain: error: {bad}: checksum mismatch")
 
 
 def test_a_missing_data_shard_is_named_before_training(tmp_path, train_shards):
@@ -158,13 +161,13 @@ def test_a_repeated_sigterm_still_checkpoints_but_a_second_ctrl_c_gives_up():
     forward it to the ranks again: the stop flag must survive that; Ctrl-C twice aborts at once."""
     import os
 
-    from megaxatl.train.trainer import _StopSignal
+    from megaxatl.train.stop import StopSignal
 
-    with _StopSignal() as stop:
+    with StopSignal() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.flag
-    with _StopSignal() as stop, pytest.raises(KeyboardInterrupt):
+    with StopSignal() as stop, pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.flag
         os.kill(os.getpid(), signal.SIGINT)

@@ -43,6 +43,8 @@ _MARKER = "SOURCE.json"
 class AssetError(RuntimeError):
     """An asset could not be fetched or did not look as expected."""
 
+    exit_code = 3  # megaxatl.exitcodes.IO_ERROR: the fetch failed, not the operator's input
+
 
 def _run(cmd: list[str], cwd: Path, what: str) -> str:
     try:

@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from megaxatl.fsutil import atomic_dir, sha256_file
+from megaxatl.fsutil import atomic_dir, has_format, sha256_file
 
 FORMAT = "megaxatl-model"
 WEIGHTS = "model.safetensors"
@@ -34,11 +34,19 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file."""
 
 
+MODEL_FOLDER = "a megaxatl model folder (meta.json)"
+
+
+def is_model_dir(path: str | Path) -> bool:
+    """Whether `path` is a model folder (what --overwrite may replace with another one)."""
+    return has_format(path, META, FORMAT)
+
+
 def save_model_dir(out: str | Path, state_dict: dict[str, torch.Tensor], meta: dict,
                    tokenizer_dir: str | Path | None = None, overwrite: bool = False,
                    extra_files: dict[str, str] | None = None) -> Path:
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, replaceable=is_model_dir, kind=MODEL_FOLDER) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         full = {"format": FORMAT, "version": 1, **meta, "sha256": {WEIGHTS: sha256_file(tmp / WEIGHTS)}}
         (tmp / META).write_text(json.dumps(full, indent=2) + "\n")

@@ -8,12 +8,17 @@ Inputs, recognised by their files:
     training checkpoint       megaxatl.json + weights/ (DCP files the trainer wrote with save_sharded)
     DeepSpeed checkpoint      megaxatl.json + DeepSpeed's files, saved at tp = pp = 1: consolidated
                               with DeepSpeed's zero_to_fp32 (ZeRO 1-3) or read from
-                              mp_rank_00_model_states.pt (ZeRO 0)
+                              mp_rank_00_model_states.pt (ZeRO 0), weights-only
+
+A training checkpoint's files are checked against its seal (checkpoint/seal.py) before they are
+read: every file of a DeepSpeed checkpoint, the weights/ files the seal lists of one with weights/
+(there its shards.json, whose DCP files are checked as they are read).
 
 A `checkpoints/` folder with a `latest` file, or that file itself, stands for the checkpoint it
 names. Everything is
 checked before anything is written (the layout divides the model, the weights fit the config,
-the output folder is free), then the output is written atomically, one tensor at a time.
+the output folder is free: not an input, not holding one, and with --overwrite only a model
+folder or sharded model folder), then the output is written atomically, one tensor at a time.
 """
 
 from __future__ import annotations
@@ -29,17 +34,20 @@ import torch
 
 from megaxatl.checkpoint.model_dir import FORMAT as MODEL_FORMAT
 from megaxatl.checkpoint.model_dir import META as MODEL_META
-from megaxatl.checkpoint.model_dir import WEIGHTS, CheckpointError, read_meta
+from megaxatl.checkpoint.model_dir import MODEL_FOLDER, WEIGHTS, CheckpointError, is_model_dir, read_meta
+from megaxatl.checkpoint.seal import check_seal, verify_folder
 from megaxatl.checkpoint.sharded import (
+    SHARDED_FOLDER,
     SHARDS_JSON,
     Layout,
     ShardedCheckpoint,
     TensorSource,
     check_layout,
+    is_sharded_dir,
     read_shards_meta,
     save_sharded_dir,
 )
-from megaxatl.fsutil import atomic_dir, sha256_file
+from megaxatl.fsutil import atomic_dir, check_output, sha256_file
 
 TRAIN_META = "megaxatl.json"
 CARRIED = ("step", "transferred", "report", "trained_from")  # metadata an output keeps from its input
@@ -122,6 +130,7 @@ class Input:
     meta: dict = field(default_factory=dict)  # carried into the output's metadata
     tokenizer_dir: Path | None = None
     layout: dict | None = None
+    seal: dict | None = None  # a training checkpoint's megaxatl.json (its seal checked)
 
     def open(self) -> TensorSource:
         if self.kind == "model folder":
@@ -129,8 +138,15 @@ class Input:
         if self.kind == "sharded model folder":
             return ShardedCheckpoint(self.path)
         if self.kind == "training checkpoint":
+            self._verify(sorted(n for n in self.seal["sha256"] if n.startswith("weights/")))
             return ShardedCheckpoint(self.path / "weights")
+        self._verify(None)
         return DictSource(_consolidate_deepspeed(self.path, self.config, self.layout))
+
+    def _verify(self, names: list[str] | None) -> None:
+        bad = verify_folder(self.path, self.seal, exclude=(TRAIN_META,), names=names)
+        if bad is not None:
+            raise CheckpointError(bad)
 
 
 def _json(f: Path) -> dict:
@@ -180,11 +196,12 @@ def detect_input(path: str | Path) -> Input:
                      _tokenizer(path / "tokenizer"))
     if (path / TRAIN_META).is_file():
         meta = _json(path / TRAIN_META)
+        check_seal(meta, path / TRAIN_META)
         carried = {k: meta[k] for k in CARRIED if k in meta}
         tok = meta.get("tokenizer_dir")
         kind = "training checkpoint" if (path / "weights").is_dir() else "DeepSpeed checkpoint"
         return Input(kind, path, _config_of(meta, path / TRAIN_META), carried,
-                     _tokenizer(Path(tok) if tok else None), meta.get("layout"))
+                     _tokenizer(Path(tok) if tok else None), meta.get("layout"), meta)
     raise CheckpointError(f"{path}: not a model folder ({MODEL_META}), sharded model folder ({SHARDS_JSON}) "
                           f"or training checkpoint ({TRAIN_META})")
 
@@ -196,13 +213,19 @@ def _consolidate_deepspeed(path: Path, config: dict, layout: dict | None) -> dic
     if layout and (layout.get("tp", 1) != 1 or layout.get("pp", 1) != 1):
         raise CheckpointError(f"{path}: a DeepSpeed checkpoint saved at tp={layout.get('tp', 1)} x "
                               f"pp={layout.get('pp', 1)} without weights/; only tp = pp = 1 ones can be consolidated")
+    from megaxatl.torchfile import UnsafeFile
+    from megaxatl.train.deepspeed_files import weights_only_loads
+
     zero = config_from_dict(config, str(path / TRAIN_META)).parallel.zero_stage
     if zero == 0:
         f = path / "mp_rank_00_model_states.pt"
         if not f.is_file():
             raise CheckpointError(f"{f}: missing (a ZeRO-0 DeepSpeed checkpoint keeps its weights there)")
         try:
-            state = torch.load(f, map_location="cpu", weights_only=True)["module"]
+            with weights_only_loads():
+                state = torch.load(f, map_location="cpu")["module"]
+        except UnsafeFile:
+            raise
         except Exception as e:
             first = (str(e).strip().splitlines() or [""])[0]
             raise CheckpointError(f"{f}: unreadable DeepSpeed model states ({type(e).__name__}: {first})") from None
@@ -210,8 +233,11 @@ def _consolidate_deepspeed(path: Path, config: dict, layout: dict | None) -> dic
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its chatter
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                    weights_only_loads():  # its chatter; it loads with weights_only=False
                 state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+        except UnsafeFile:
+            raise
         except Exception as e:
             first = (str(e).strip().splitlines() or [""])[0]
             raise CheckpointError(f"{path}: cannot consolidate this ZeRO-{zero} checkpoint "
@@ -282,12 +308,14 @@ def _write_safetensors(file: Path, source: TensorSource) -> int:
 
 def save_model_dir_streaming(out: str | Path, source: TensorSource, config: dict, meta: dict | None = None,
                              tokenizer_dir: str | Path | None = None, overwrite: bool = False,
-                             extra_files: dict[str, str] | None = None) -> tuple[int, int]:
+                             extra_files: dict[str, str] | None = None, replaceable=is_model_dir,
+                             kind: str = MODEL_FOLDER) -> tuple[int, int]:
     """A model folder (as checkpoint.save_model_dir writes it) from a source, one tensor in memory
-    at a time, plus `extra_files` {name: text}. -> (tensors, bytes)."""
+    at a time, plus `extra_files` {name: text}. -> (tensors, bytes). An existing `out` is replaced
+    only with `overwrite`, and only when `replaceable` (fsutil.check_output)."""
     import shutil
 
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, replaceable=replaceable, kind=kind) as tmp:
         nbytes = _write_safetensors(tmp / WEIGHTS, source)
         full = {"format": MODEL_FORMAT, "version": 1, **(meta or {}), "config": config,
                 "sha256": {WEIGHTS: sha256_file(tmp / WEIGHTS)}}
@@ -301,6 +329,14 @@ def save_model_dir_streaming(out: str | Path, source: TensorSource, config: dict
 
 # ---- the command --------------------------------------------------------------------------------
 
+WEIGHTS_OUTPUT = f"{MODEL_FOLDER} or {SHARDED_FOLDER}"
+
+
+def is_weights_output(path: Path) -> bool:
+    """A model folder of either format: what reshard / transfer --overwrite may replace."""
+    return is_model_dir(path) or is_sharded_dir(path)
+
+
 def reshard(inp: str | Path, out: str | Path, tp: int = 1, pp: int = 1, to: str = "sharded",
             overwrite: bool = False) -> dict:
     """Python API of `megaxatl reshard`. -> a summary dict (tensors, bytes, layout, output, input kind)."""
@@ -309,11 +345,10 @@ def reshard(inp: str | Path, out: str | Path, tp: int = 1, pp: int = 1, to: str 
     if to not in ("sharded", "model-dir"):
         raise ValueError(f"--to must be 'sharded' or 'model-dir', got {to!r}")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
     src = detect_input(inp)
-    if out.resolve() == src.path.resolve() or src.path.resolve() in out.resolve().parents:
-        raise ValueError(f"--out {out} must lie outside the input folder {src.path}")
+    # what --overwrite may replace: an earlier reshard output (either kind), never an input
+    check_output(out, inputs=[inp, src.path, src.tokenizer_dir], overwrite=overwrite, replaceable=is_weights_output,
+                 kind=WEIGHTS_OUTPUT)
     cfg = config_from_dict(src.config, str(src.path))
     layout = check_layout(cfg.model, tp, pp) if to == "sharded" else check_layout(cfg.model, 1, 1)
     source = src.open()
@@ -321,10 +356,12 @@ def reshard(inp: str | Path, out: str | Path, tp: int = 1, pp: int = 1, to: str 
     source = _InOrder(source, list(layout.shapes))
     meta = {**src.meta, "resharded_from": {"path": str(src.path), "kind": src.kind}}
     if to == "sharded":
-        tensors, nbytes = save_sharded_dir(out, source, layout, src.config, meta, src.tokenizer_dir, overwrite)
+        tensors, nbytes = save_sharded_dir(out, source, layout, src.config, meta, src.tokenizer_dir, overwrite,
+                                           replaceable=is_weights_output, kind=WEIGHTS_OUTPUT)
         where = f"tp={tp} x pp={pp}"
     else:
-        tensors, nbytes = save_model_dir_streaming(out, source, src.config, meta, src.tokenizer_dir, overwrite)
+        tensors, nbytes = save_model_dir_streaming(out, source, src.config, meta, src.tokenizer_dir, overwrite,
+                                                   replaceable=is_weights_output, kind=WEIGHTS_OUTPUT)
         where = "full weights"
     return {"tensors": tensors, "bytes": nbytes, "layout": where, "output": str(out), "input": src.kind}
 

@@ -70,8 +70,9 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from megaxatl.checkpoint.agree import agree_on
 from megaxatl.checkpoint.model_dir import CheckpointError
-from megaxatl.fsutil import atomic_dir, sha256_file
+from megaxatl.fsutil import atomic_dir, has_format, named, os_error, sha256_file
 from megaxatl.parallel.tp_rules import Replicate, Rule, Shard, _local_part, _pieces
 
 FORMAT = "megaxatl-sharded"
@@ -254,9 +255,12 @@ class _Writer(FileSystemWriter):
         return StorageMeta(save_id=self.save_id)
 
 
-def _dcp_failure(path: Path, e: CheckpointException) -> CheckpointError:
+def _dcp_failure(path: Path, e: CheckpointException) -> CheckpointError | OSError:
     """DCP gathers every rank's exception; surface the first one as ours."""
     for rank, (exc, _) in sorted(e.failures.items()):
+        failed = os_error(exc, path)
+        if failed is not None:  # a full disk: an I/O error naming the file, not a bad checkpoint
+            return named(failed, path)
         if isinstance(exc, RuntimeError) and "already exists" in str(exc):  # FileSystemWriter(overwrite=False)
             return CheckpointError(f"{path}: already holds a checkpoint ({DCP_METADATA}); save into a fresh folder")
         if isinstance(exc, CheckpointError):
@@ -331,15 +335,21 @@ def seal_sharded(path: str | Path, config: dict, tp: int, pp: int, meta: dict | 
     if use_dist and dist.get_world_size(group) > 1:
         parts = [None] * dist.get_world_size(group)
         dist.all_gather_object(parts, mine, group=group)
+    error = None
     if rank == 0:
-        digests = {DCP_METADATA: sha256_file(path / DCP_METADATA)}
-        for part in parts:
-            digests.update(part)
-        tmp = path / f".{SHARDS_JSON}.tmp"
-        _write_shards_json(tmp, meta, tp, pp, config, digests)
-        tmp.replace(path / SHARDS_JSON)
+        try:  # a failure here (a full disk) must reach the other ranks, not leave them in a barrier
+            digests = {DCP_METADATA: sha256_file(path / DCP_METADATA)}
+            for part in parts:
+                digests.update(part)
+            tmp = path / f".{SHARDS_JSON}.tmp"
+            _write_shards_json(tmp, meta, tp, pp, config, digests)
+            tmp.replace(path / SHARDS_JSON)
+        except OSError as e:
+            error = e
     if use_dist:
-        dist.barrier(group)
+        agree_on(error, group)
+    elif error is not None:
+        raise error
 
 
 def _infer_global_shape(key: str, rule: Rule, t: torch.Tensor, tp: int) -> Shape:
@@ -837,13 +847,23 @@ def verify_sharded_dir(path: str | Path) -> dict:
     return meta
 
 
+SHARDED_FOLDER = "a megaxatl sharded model folder (shards.json)"
+
+
+def is_sharded_dir(path: str | Path) -> bool:
+    """Whether `path` is a sharded model folder (what --overwrite may replace with another one)."""
+    return has_format(path, SHARDS_JSON, FORMAT)
+
+
 def save_sharded_dir(out: str | Path, source: TensorSource, layout: Layout, config: dict,
                      meta: dict | None = None, tokenizer_dir: str | Path | None = None,
-                     overwrite: bool = False, extra_files: dict[str, str] | None = None) -> tuple[int, int]:
+                     overwrite: bool = False, extra_files: dict[str, str] | None = None,
+                     replaceable=is_sharded_dir, kind: str = SHARDED_FOLDER) -> tuple[int, int]:
     """Write a sharded model folder (DCP files at `layout`, shards.json, tokenizer/, and any
     `extra_files` {name: text} such as a transfer's report.json) atomically. -> (tensors, bytes).
-    Never replaces an existing folder unless `overwrite`."""
-    with atomic_dir(out, overwrite) as tmp:
+    Never replaces an existing folder unless `overwrite`, and then only one that is `replaceable`
+    (fsutil.check_output)."""
+    with atomic_dir(out, overwrite, replaceable=replaceable, kind=kind) as tmp:
         tensors, nbytes = write_layout(tmp, source, layout)
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
         for name, text in (extra_files or {}).items():

@@ -2,8 +2,8 @@
 
     megaxatl plan --config C --gpus N --gpu-mem GB [--seq-len L --micro-batch B] [--mfu 0.4 --peak-tflops T]
 
-Prints the fitting layouts as a table (exit 0), or the smallest layout when nothing fits (exit 1);
-bad input is one line on stderr (exit 2).
+Prints the fitting layouts as a table (exit 0), or the smallest layout when nothing fits (exit 1,
+NO_RESULT in megaxatl/exitcodes.py); bad input is one line on stderr (exit 2).
 
 Notation: per rank, Ψ = parameters this rank's model copy holds, d = DP size, t = TP, p = PP,
 b = micro-batch, s = sequence length, h = d_model, a = bytes of the compute dtype (2 bf16, 4 fp32).
@@ -343,7 +343,9 @@ def run_plan(args) -> int:
         print(f"nothing fits in {args.gpu_mem:g} GiB; the smallest layout needs {best.total / GiB:.1f} GiB:")
         print(head)
         print(line(best))
-        return 1
+        from megaxatl.exitcodes import NO_RESULT
+
+        return NO_RESULT
     print(f"{len(fits)} of {len(rows)} layouts fit; fastest first:")
     print(head)
     for r in fits[: args.top]:

@@ -1,6 +1,7 @@
 """JSON -> typed `Config`, with one clear message for any problem.
 
-Every error names the file, the key path (e.g. `model.mamba.expand`) and the reason. A config may
+Every error names the file, the key path (e.g. `model.mamba.expand`) and the reason; NaN and
+Infinity (which Python's JSON reader accepts) are rejected wherever they appear. A config may
 start from another with `"base": "other.json"` (a path relative to the file); sections are merged
 key by key, so a hybrid variant only states what differs.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -39,6 +41,8 @@ def _type_name(tp: Any) -> str:
 
 def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check `value` against annotation `tp`, building nested dataclasses."""
+    if isinstance(value, float) and not math.isfinite(value):  # Python's JSON reads NaN / Infinity
+        raise ConfigError(source, key, f"must be a finite number, got {json.dumps(value)}")
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)

@@ -563,6 +563,8 @@ class TrainConfig:
         out: Problems = [(f"distill.{k}", r) for k, r in self.distill.check()]
         if self.steps < 1:
             out.append(("steps", "must be >= 1"))
+        if not self.out_dir.strip():
+            out.append(("out_dir", "must not be empty (the run's folder)"))
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             out.append(("lr", f"need lr > 0 and 0 <= min_lr <= lr, got {self.lr}, {self.min_lr}"))
         if self.warmup_steps < 0:

@@ -5,8 +5,9 @@ The top-level CLI adds a subparser and calls::
     add_prepare_data_args(sub.add_parser("prepare-data", help=...))
     ... return run_prepare_data(args)
 
-Bad input prints one line (``megaxatl prepare-data: error: ...``) on stderr and returns 2
-(1 for an unexpected OS error); no traceback. `python -m megaxatl.data.cli ...` runs it standalone.
+Bad input prints one line (``megaxatl prepare-data: error: ...``) on stderr and returns 2, an I/O
+failure (a full disk) 3, as megaxatl/exitcodes.py says; no traceback. `python -m
+megaxatl.data.cli ...` runs it standalone.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def add_prepare_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 
 def run_prepare_data(args: argparse.Namespace) -> int:
-    from megaxatl.data.format import DataError
+    from megaxatl import exitcodes
     from megaxatl.data.prepare import prepare_data
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -62,15 +63,11 @@ def run_prepare_data(args: argparse.Namespace) -> int:
                          shard_tokens=args.shard_tokens, text_field=args.text_field,
                          txt_docs=args.txt_docs, train_spm=args.train_spm,
                          num_proc=args.num_proc, seed=args.seed, overwrite=args.overwrite)
-    except DataError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing written to {args.out}", file=sys.stderr)
-        return 130
+        return exitcodes.INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - one line and the code of exitcodes.py
+        return exitcodes.report(PROG, e)
     tr, va = m["splits"]["train"], m["splits"]["val"]
     print(f"{args.out}: train {tr['num_samples']} samples ({tr['num_label_tokens']} tokens, "
           f"{tr['num_docs']} docs, {len(tr['shards'])} shards), val {va['num_samples']} samples "

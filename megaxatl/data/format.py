@@ -53,6 +53,25 @@ class DataError(ValueError):
     """Bad input or a damaged dataset. The message names the file at fault."""
 
 
+def vocab_limit(manifest: dict, vocab_size: int | None = None) -> int | None:
+    """The bound every token id of a dataset must stay below: the smallest of the manifest's
+    vocabulary, its tokenizer's, and `vocab_size` (the model's) where given."""
+    limits = [v for v in (vocab_size, manifest.get("vocab_size"), manifest.get("tokenizer", {}).get("vocab_size")) if v]
+    return int(min(limits)) if limits else None
+
+
+def check_token_ids(tokens: np.ndarray, limit: int | None, where: str, key: str) -> None:
+    """DataError naming shard `where` and sample `key` when a token id is `limit` or above (checked
+    per sample as it is read: a shard too large to hash at start-up may still be corrupt, and an
+    id past the embedding would be an IndexError mid-step)."""
+    if limit is None or not len(tokens):
+        return
+    top = int(tokens.max())
+    if top >= limit:
+        raise DataError(f"{where}: sample {key} holds token id {top}, outside the vocabulary (size {limit}): "
+                        "a corrupt shard, or one written for another tokenizer")
+
+
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 

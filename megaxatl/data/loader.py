@@ -10,7 +10,9 @@ Design: the SAMPLER decides every index, workers only read.
   ``verify=True`` every shard's sha256 is checked (~1 GB/s on one core; ``"auto"``, the default,
   does it when the split's shards total <= 2 GiB, i.e. under ~2 s, and skips it above, where the
   size, name and checksum checks still catch truncation and misalignment but not flipped token
-  bytes; call `verify_shards` once per dataset, e.g. after copying it to a cluster).
+  bytes; call `verify_shards` once per dataset, e.g. after copying it to a cluster). Every sample
+  read is also checked to hold only token ids below the vocabulary size (the manifest's, or the
+  model's when smaller): a DataError naming the shard and sample, never an IndexError mid-step.
 
 * Order (training). The split's samples are one infinite stream of epochs; epoch e visits all N
   samples in the order of a pseudo-random permutation keyed by (seed, e): a Feistel network on
@@ -65,11 +67,13 @@ from megaxatl.data.format import (
     SPLITS,
     TOKENS_EXT,
     DataError,
+    check_token_ids,
     npy_header,
     read_manifest,
     sample_key,
     tar_header_ok,
     tar_member_size,
+    vocab_limit,
 )
 
 log = logging.getLogger("megaxatl.data")
@@ -138,7 +142,7 @@ class ShardDataset(Dataset):
 
     def __init__(self, shard_dir: str | Path, split: str = "train", *, seq_len: int | None = None,
                  expected_tokenizer_id: str | None = None, verify: bool | str = "auto",
-                 max_open: int = 64):
+                 max_open: int = 64, vocab_size: int | None = None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
         self.shard_dir = Path(shard_dir)
@@ -161,6 +165,7 @@ class ShardDataset(Dataset):
         self.stride = m["sample_stride"]
         self.dtype = np.dtype(m["token_dtype"])
         self.eos_id = int(m["eos_id"])
+        self.vocab_size = vocab_limit(m, vocab_size)  # every token id must be below it
         self.shards = info["shards"]
         self.num_samples = int(info["num_samples"])
         self.fingerprint = m.get("fingerprint")
@@ -240,6 +245,7 @@ class ShardDataset(Dataset):
             raise DataError(f"{path}: corrupt shard: bad {key}.{META_EXT}") from None
         if not 2 <= num_tokens <= self.sample_tokens:
             raise DataError(f"{path}: corrupt shard: {key} num_tokens {num_tokens}")
+        check_token_ids(tokens, self.vocab_size, str(path), key)
         return tokens, num_tokens, num_bytes
 
     def __getitem__(self, index: int | None) -> dict:
@@ -389,7 +395,14 @@ class ShardLoader:
             kwargs["prefetch_factor"] = self.prefetch_factor
         loader = DataLoader(self.dataset, batch_sampler=self._sampler(),
                             num_workers=self.num_workers, pin_memory=self.pin_memory, **kwargs)
-        for batch in loader:
+        batches = iter(loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except DataError as e:
+                raise _unwrapped(e) from None
             if self.train:
                 self.consumed_samples += self.global_batch_size
             yield batch
@@ -414,20 +427,31 @@ class ShardLoader:
         self.consumed_samples = int(state["consumed_samples"])
 
 
+def _unwrapped(e: DataError) -> DataError:
+    """A DataError raised in a DataLoader worker comes back as one whose message is torch's
+    "Caught DataError in DataLoader worker process 0." plus the worker's traceback: the original."""
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    if len(lines) < 2 or not lines[0].startswith("Caught "):
+        return e
+    return DataError(lines[-1].split("DataError: ", 1)[-1])
+
+
 def build_loader(shard_dir: str | Path, split: str = "train", micro_batch_size: int = 1,
                  seq_len: int | None = None, *, dp_rank: int = 0, dp_world: int = 1,
                  seed: int = 0, num_workers: int = 0, expected_tokenizer_id: str | None = None,
                  consumed_samples: int = 0, state: dict | None = None,
                  verify: bool | str = "auto", pin_memory: bool = False,
-                 prefetch_factor: int | None = None) -> ShardLoader:
+                 prefetch_factor: int | None = None, vocab_size: int | None = None) -> ShardLoader:
     """A `ShardLoader` over `shard_dir`'s `split` for DP rank `dp_rank` of `dp_world`.
 
     seq_len, when given, must equal the shards' seq_len; expected_tokenizer_id (from
     `megaxatl.data.tokenizer_id(<model tokenizer>)`) must equal the shards'; `state` (a
-    `state_dict()`) or `consumed_samples` resumes a training loader.
+    `state_dict()`) or `consumed_samples` resumes a training loader; vocab_size (the model's)
+    bounds the token ids further than the manifest's vocabulary.
     """
     dataset = ShardDataset(shard_dir, split, seq_len=seq_len,
-                           expected_tokenizer_id=expected_tokenizer_id, verify=verify)
+                           expected_tokenizer_id=expected_tokenizer_id, verify=verify,
+                           vocab_size=vocab_size)
     loader = ShardLoader(dataset, micro_batch_size, dp_rank=dp_rank, dp_world=dp_world,
                          seed=seed, num_workers=num_workers, consumed_samples=consumed_samples,
                          pin_memory=pin_memory, prefetch_factor=prefetch_factor)

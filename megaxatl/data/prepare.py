@@ -27,8 +27,10 @@ with the smallest such hash (an extra reading pass, O(K) memory).
 
 Output is written to a temporary folder beside `out_dir` and renamed into place at the end; an
 existing `out_dir` is refused unless `overwrite=True` (and even then only if it is a previous
-dataset or empty), and is swapped out only after the new one is complete; on any error the
-temporary folder is removed, so a half-written dataset is never left at `out_dir`.
+dataset or empty, and never when it is an input or holds one), and is swapped out only after the
+new one is complete; on any error the temporary folder is removed, so a half-written dataset is
+never left at `out_dir` (an I/O failure, such as a full disk, is an OSError naming the file), and
+the temporary folder of a killed run is removed by the next one (fsutil.remove_stale).
 """
 
 from __future__ import annotations
@@ -47,7 +49,6 @@ import shutil
 import sys
 import tarfile
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from megaxatl.data import tokenizer as tk
-from megaxatl.fsutil import sha256_file
+from megaxatl.fsutil import check_output, named, naming, publish, remove_stale, sha256_file, temp_sibling
 from megaxatl.data.format import (
     FORMAT,
     FORMAT_VERSION,
@@ -273,7 +274,14 @@ class _ShardWriter:
         info.uname = info.gname = ""
         self._tar.addfile(info, io.BytesIO(data))
 
+    def _path(self) -> Path:
+        return self.directory / shard_name(self.split, len(self.shards) - (self._tar is not None))
+
     def write(self, tokens: np.ndarray, num_bytes: int, num_tokens: int) -> None:
+        with naming(self._path()):
+            self._write(tokens, num_bytes, num_tokens)
+
+    def _write(self, tokens: np.ndarray, num_bytes: int, num_tokens: int) -> None:
         if self._tar is None:
             path = self.directory / shard_name(self.split, len(self.shards))
             self._tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
@@ -302,7 +310,8 @@ class _ShardWriter:
 
     def close(self) -> list[dict]:
         if self._tar is not None:
-            self._close_shard()
+            with naming(self._path()):
+                self._close_shard()
         return self.shards
 
 
@@ -409,39 +418,10 @@ def _version(mod: str) -> str | None:
         return None
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if not out_dir.exists():
-        return
-    if not overwrite:
-        raise DataError(f"{out_dir}: already exists (pass overwrite=True / --overwrite to "
-                        "replace it)")
-    if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file()):
-        raise DataError(f"{out_dir}: exists and is not a dataset folder (no {MANIFEST}); "
-                        "refusing to replace it")
-
-
-def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    """Move the finished `tmp` to `out_dir`; an old dataset there is swapped out, then deleted."""
-    _check_out_dir(out_dir, overwrite)
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old)
-        try:
-            os.replace(tmp, out_dir)
-        except BaseException:
-            os.replace(old, out_dir)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-    try:  # make the renames durable
-        fd = os.open(out_dir.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+def _check_out_dir(out_dir: Path, overwrite: bool, inputs: list) -> None:
+    """--overwrite replaces only an earlier dataset (or an empty folder), never an input."""
+    check_output(out_dir, inputs=inputs, overwrite=overwrite, replaceable=lambda p: (p / MANIFEST).is_file(),
+                 kind=f"a dataset folder ({MANIFEST})", error=DataError, exists_error=DataError)
 
 
 def prepare_data(
@@ -483,7 +463,8 @@ def prepare_data(
         raise DataError(f"val_docs must be >= 0, not {val_docs}")
     if txt_docs not in ("file", "paragraph"):
         raise DataError(f"txt_docs must be 'file' or 'paragraph', not {txt_docs!r}")
-    _check_out_dir(out_dir, overwrite)
+    given = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    _check_out_dir(out_dir, overwrite, given + [tokenizer])
     sources = discover(inputs)
     spec_tok = tk.load_tokenizer(tokenizer) if tokenizer is not None else None
 
@@ -493,9 +474,8 @@ def prepare_data(
                                                 max_piece_chars=max_piece_chars):
                 yield src, index, pieces
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    remove_stale(out_dir)  # what a killed run left beside it
+    tmp = temp_sibling(out_dir)
     try:
         # which documents are held out
         if val_docs is not None:
@@ -612,12 +592,16 @@ def prepare_data(
                                              else inputs)],
             "splits": splits,
         }
-        with open(tmp / MANIFEST, "w") as f:
+        with naming(tmp / MANIFEST), open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        _publish(tmp, out_dir, overwrite)
+        _check_out_dir(out_dir, overwrite, given + [tokenizer])
+        publish(tmp, out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise named(e, tmp) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

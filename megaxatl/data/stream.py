@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from megaxatl.data.format import (FORMAT, FORMAT_VERSION, IGNORE_INDEX, META_EXT, SPLITS, TOKENS_EXT, DataError,
-                                  sample_key, sample_stride)
+                                  check_token_ids, sample_key, sample_stride, vocab_limit)
 from megaxatl.data.loader import IndexPermutation
 
 ORDER = "stream-v1"  # the state_dict's "order": shards permuted, then samples within a shard
@@ -94,7 +94,7 @@ class StreamShards:
     in stored order as (tokens uint array (seq_len+1,), num_tokens, num_bytes)."""
 
     def __init__(self, location: str, split: str = "train", *, seq_len: int | None = None,
-                 expected_tokenizer_id: str | None = None):
+                 expected_tokenizer_id: str | None = None, vocab_size: int | None = None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
         self.location, self.split = str(location), split
@@ -115,6 +115,7 @@ class StreamShards:
         self.seq_len, self.sample_tokens = m["seq_len"], m["sample_tokens"]
         self.dtype, self.eos_id = np.dtype(m["token_dtype"]), int(m["eos_id"])
         self.fingerprint = m.get("fingerprint")
+        self.vocab_size = vocab_limit(m, vocab_size)  # every token id must be below it
         expect = 0
         for s in self.shards:
             if int(s["first_sample"]) != expect:
@@ -160,6 +161,7 @@ class StreamShards:
                 not 2 <= num_tokens <= self.sample_tokens:
             raise DataError(f"{url}: corrupt shard: {key} holds {tokens.dtype} {tokens.shape}, num_tokens "
                             f"{num_tokens}; the manifest says {self.dtype} ({self.sample_tokens},)")
+        check_token_ids(tokens, self.vocab_size, url, key)
         return tokens, num_tokens, num_bytes
 
 
@@ -315,9 +317,10 @@ class StreamLoader:
 def build_stream_loader(location: str, split: str = "train", micro_batch_size: int = 1, seq_len: int | None = None,
                         *, dp_rank: int = 0, dp_world: int = 1, seed: int = 0,
                         expected_tokenizer_id: str | None = None, consumed_samples: int = 0,
-                        state: dict | None = None) -> StreamLoader:
+                        state: dict | None = None, vocab_size: int | None = None) -> StreamLoader:
     """A `StreamLoader` over the dataset at `location` (see `shard_url`); arguments as build_loader's."""
-    shards = StreamShards(location, split, seq_len=seq_len, expected_tokenizer_id=expected_tokenizer_id)
+    shards = StreamShards(location, split, seq_len=seq_len, expected_tokenizer_id=expected_tokenizer_id,
+                          vocab_size=vocab_size)
     loader = StreamLoader(shards, micro_batch_size, dp_rank=dp_rank, dp_world=dp_world, seed=seed,
                           consumed_samples=consumed_samples)
     if state is not None:

@@ -23,11 +23,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from megaxatl.data.format import DataError
+from megaxatl.fsutil import naming
 
 
 @dataclass(frozen=True)
@@ -135,18 +136,33 @@ def train_spm(sentences: Iterable[str], vocab_size: int, out_file: Path, *, num_
                         "pieces + specials + merges)")
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)  # the trainer's sentence sampling
+    failed: list[BaseException] = []
+
+    def guarded() -> Iterator[str]:
+        # SentencePiece reports an error raised by the iterator as one frame of its stack, not the
+        # error: keep it, end the input there, and raise it once training has returned
+        try:
+            yield from sentences
+        except Exception as e:  # noqa: BLE001 - re-raised below
+            failed.append(e)
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_writer=model, model_type="bpe",
+            sentence_iterator=guarded(), model_writer=model, model_type="bpe",
             vocab_size=vocab_size, byte_fallback=True, normalization_rule_name="identity",
             remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
             character_coverage=0.9995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
             input_sentence_size=max_sentences, shuffle_input_sentence=True,
             max_sentence_length=1 << 14, num_threads=max(1, num_threads), minloglevel=2)
     except RuntimeError as e:
+        if failed:
+            raise failed[0] from None
         raise DataError(f"--train-spm {vocab_size}: SentencePiece training failed: "
                         f"{str(e).strip().splitlines()[-1]}") from None
-    out_file.write_bytes(model.getvalue())
+    if failed:
+        raise failed[0]
+    with naming(out_file):
+        out_file.write_bytes(model.getvalue())
     return _spec_from_spm(model.getvalue(), str(out_file), f"spm-bpe-{vocab_size}")
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from megaxatl import torchfile
+
 from .spec import DonorError
 
 CONFIG_NAME = "config.json"
@@ -174,7 +176,11 @@ class TorchBinStore(TensorStore):
                     raise
                 state = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # UnpicklingError (weights_only refused), truncated zip, ...
-            raise DonorError(f"{f}: not a readable weights-only torch checkpoint ({type(e).__name__}: {e})") from e
+            refused = torchfile.refusal(f, e)  # one line, without torch's advice to drop weights_only
+            if refused is not None:
+                raise DonorError(refused) from None
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise DonorError(f"{f}: not a readable weights-only torch checkpoint ({type(e).__name__}: {first})") from e
         if not isinstance(state, dict):
             raise DonorError(f"{f}: holds a {type(state).__name__}, not a state dict")
         return state

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from megaxatl.config import ModelConfig, config_from_dict, config_to_dict
 from megaxatl.donors.keymap import Dims, KeyMapError, resolve, to_original
 from megaxatl.export.archs import ARCH_NAMES, ARCHS, Arch, arch_named
-from megaxatl.fsutil import atomic_dir
+from megaxatl.fsutil import atomic_dir, check_output
 
 FORMAT = "megaxatl-hf-export"
 VERSION = 1
@@ -195,7 +195,7 @@ def export_hf(model_dir: str | Path, out: str | Path, overwrite: bool = False, a
     from megaxatl.checkpoint import load_model_dir
 
     model_dir, out = Path(model_dir), Path(out)
-    _distinct(model_dir, out)
+    _check_out(model_dir, out, overwrite, _is_export, _EXPORT)
     state, meta = load_model_dir(model_dir)
     cfg = config_from_dict(meta.get("config", {}), str(model_dir / "meta.json")).model
     facts = model_facts(cfg)
@@ -213,7 +213,7 @@ def export_hf(model_dir: str | Path, out: str | Path, overwrite: bool = False, a
     sidecar = {"format": FORMAT, "version": VERSION, "arch": chosen.name, "hf_class": chosen.hf_class,
                "tokenizer_files": [p.name for p in tok_files],
                "meta": {k: v for k, v in meta.items() if k not in ("format", "version", "sha256")}}
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, replaceable=_is_export, kind=_EXPORT) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if pad:
             save_file(pad, str(tmp / PAD_FILE), metadata={"format": "pt"})
@@ -230,10 +230,17 @@ def export_hf(model_dir: str | Path, out: str | Path, overwrite: bool = False, a
     return chosen
 
 
-def _distinct(src: Path, out: Path) -> None:
-    # an --overwrite onto the source itself would replace the only copy with its conversion
-    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-        raise ExportError(f"{out}: the output must not be the input folder {src} or inside it")
+def _is_export(path: Path) -> bool:
+    """An earlier export-hf output: what `export-hf --overwrite` may replace."""
+    return (path / SIDECAR).is_file()
+
+
+_EXPORT = f"an export-hf folder ({SIDECAR})"
+
+
+def _check_out(src: Path, out: Path, overwrite: bool, replaceable, kind: str) -> None:
+    # an --overwrite onto the source, or onto a folder holding it, would delete the input
+    check_output(out, inputs=[src], overwrite=overwrite, replaceable=replaceable, kind=kind, error=ExportError)
 
 
 # ---- import ----------------------------------------------------------------------------------
@@ -298,7 +305,9 @@ def import_hf(hf_dir: str | Path, out: str | Path, overwrite: bool = False) -> s
     from megaxatl.checkpoint import save_model_dir
 
     hf_dir = Path(hf_dir)
-    _distinct(hf_dir, Path(out))
+    from megaxatl.checkpoint.model_dir import MODEL_FOLDER, is_model_dir
+
+    _check_out(hf_dir, Path(out), overwrite, is_model_dir, MODEL_FOLDER)
     if not hf_dir.is_dir():
         raise ExportError(f"{hf_dir}: not a folder")
     hf_config = _read_json(hf_dir / "config.json")

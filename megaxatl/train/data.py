@@ -2,8 +2,9 @@
 
 Shards come from `megaxatl prepare-data` (megaxatl/data). Checks made here, before any step:
 the shards' seq_len equals `data.seq_len` (the loader checks), the shards' tokenizer is the
-model's (when the model has one: a transfer output's or donor's tokenizer), and every token id
-fits the model's vocabulary.
+model's (when the model has one: a transfer output's or donor's tokenizer), and the shards'
+vocabulary fits the model's. Every token id is then checked as its sample is read (the loader:
+cheap, and also where a shard too large to hash at start-up is corrupt).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def build_loaders(cfg: Config, dp_rank: int, dp_world: int, tokenizer_dir: str |
                           f"({Path(d.train_shards) / 'manifest.json'})")
     tok_id = expected_tokenizer_id(tokenizer_dir)
     common = dict(micro_batch_size=d.micro_batch_size, seq_len=d.seq_len, dp_rank=dp_rank, dp_world=dp_world,
-                  seed=d.seed, expected_tokenizer_id=tok_id)
+                  seed=d.seed, expected_tokenizer_id=tok_id, vocab_size=cfg.model.vocab_size)
     workers = {} if d.access == "stream" else {"num_workers": d.num_workers}  # streaming: a prefetch thread
     train = build_loader(d.train_shards, "train", **workers, **common)
     val_dir = d.val_shards or d.train_shards

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megaxatl import exitcodes
 from megaxatl.train.engine import collective_device
 
 # [low, high): the DeepSpeed releases the trainer's tests passed with (CI runs the version in
@@ -33,6 +34,8 @@ SUPPORTED = ("0.19.3", "0.20.0")
 
 class UnsupportedDeepSpeed(RuntimeError):
     """The installed DeepSpeed is outside SUPPORTED (or missing)."""
+
+    exit_code = exitcodes.BAD_INPUT
 
 
 def supported_range() -> str:

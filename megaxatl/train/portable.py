@@ -24,7 +24,6 @@ copies, not the bf16-rounded parameters, and a resume at another layout sets the
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ import torch.distributed as dist
 from megaxatl.checkpoint.model_dir import CheckpointError
 from megaxatl.checkpoint.sharded import Layout, ShardedCheckpoint, load_sharded, save_sharded, seal_sharded
 from megaxatl.parallel.tp_rules import Replicate
+from megaxatl.checkpoint.agree import agreed
 from megaxatl.train.deepspeed_internals import MOMENTS, STEP, OptimizerView, param_shape
 from megaxatl.train.engine import collective_device
 
@@ -41,26 +41,6 @@ _BATCH_NUMEL = 1 << 28  # elements read at a time: 1 GiB of fp32 weights, 2 GiB 
 
 def _key(kind: str, name: str) -> str:
     return f"{kind}/{name}"
-
-
-@contextmanager
-def agreed(what: str):
-    """Collective, around reading `what`: when a CheckpointError ends the block on any rank, every
-    rank raises (its own error where it has one), so none is left waiting in a later collective
-    for one that has gone. (A shard's checksum is checked when first read: a corrupt file fails
-    only the ranks that read it.)"""
-    error = None
-    try:
-        yield
-    except CheckpointError as e:
-        error = e
-    flag = torch.tensor([float(error is not None)], device=collective_device())
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if error is not None:
-        raise error
-    if flag.item():
-        raise CheckpointError(f"{what}: failed on another rank (its error names the file)")
 
 
 def _kept(t: torch.Tensor, par) -> torch.Tensor:
@@ -173,7 +153,7 @@ def restore_optimizer(folder: Path, named, view: OptimizerView, layout: Layout, 
     for name, _ in named:
         rules.update({_key(k, name): layout.rules[name] for k in MOMENTS})
         rules[_key(STEP, name)] = Replicate()
-    with agreed(str(folder)):
+    with agreed():  # a shard's checksum is checked when first read: a bad file fails only its readers
         for batch in _batches(named):
             bufs = {}
             for name, p in batch:

@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import random
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,10 +42,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megaxatl import exitcodes
 from megaxatl.config import Config, ConfigError, config_to_dict
 from megaxatl.config.pattern import STAGE_BREAK
+from megaxatl.fsutil import remove_stale, write_atomic
 from megaxatl.train import checkpoint as ckpt
 from megaxatl.train import portable, preflight
+from megaxatl.checkpoint.agree import agreed
 from megaxatl.train.data import build_loaders, bytes_per_token
 from megaxatl.train.deepspeed_internals import OptimizerView, set_step_counters
 from megaxatl.train.engine import collective_device, create_engine, init_distributed
@@ -61,11 +63,15 @@ from megaxatl.train.metrics import Metrics
 from megaxatl.train.optim import build_optimizer, param_groups
 from megaxatl.train.parallelize import parallel_state, parallelize
 from megaxatl.train.schedule import GroupLRScheduler, base_lr
+from megaxatl.train.stop import StopSignal, agree_stop
 
 log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite losses in a row."""
+
+    exit_code = exitcodes.NO_RESULT
+    exit_label = "diverged: "
 
 
 @dataclass
@@ -81,34 +87,6 @@ class TrainResult:
     final_dir: Path | None
     checkpoint: Path | None
     losses: dict[int, float] = field(default_factory=dict)  # step -> mean loss, this process's run
-
-
-class _StopSignal:
-    """Turns SIGTERM / SIGINT into a flag checked at step boundaries (main thread only)."""
-
-    def __init__(self):
-        self.flag = False
-        self._old = {}
-
-    def __enter__(self):
-        try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: no handlers
-            pass
-        return self
-
-    def _handle(self, signum, frame):
-        # A second Ctrl-C gives up at once. A repeated SIGTERM does not: under SLURM every process
-        # of a job step gets it and then the launcher (deepspeed's launch.py, torchrun) forwards
-        # it to its ranks again, and the checkpoint must still be written.
-        if self.flag and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.flag = True
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def _loss(engine, batch, device) -> torch.Tensor:
@@ -183,12 +161,9 @@ class Trainer:
         self.out = Path(t.out_dir)
         self.ckpt_root = self.out / "checkpoints"
         preflight.check_output(cfg, source)
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            ckpt.clean_partial(self.ckpt_root)
-            (self.out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-        dist.barrier()
-        latest = ckpt.find_latest(self.ckpt_root) if t.resume else None
+        # nothing is written into out_dir until every check has passed (its config.json is the
+        # config of the run in it, not of a start that was refused)
+        latest = ckpt.resume_point(self.ckpt_root) if t.resume else None  # every file verified
         saved = ckpt.read_meta(latest) if latest else None
         if saved and cfg.transfer.keep_attention:  # chosen when the run started: the checkpoint has it
             cfg.model.pattern, cfg.transfer.keep_attention = saved["config"]["model"]["pattern"], None
@@ -229,7 +204,7 @@ class Trainer:
         self.transferred = saved["transferred"] if saved else init.transferred
         self.report = saved.get("report") if saved else init.report
         if self.layout_change:  # before DeepSpeed copies them into its partitions / master weights
-            with portable.agreed(str(latest / ckpt.WEIGHTS_DIR)):  # a bad file stops every rank
+            with agreed():  # a bad file stops every rank
                 self._resume_weights = portable.load_weights(latest / ckpt.WEIGHTS_DIR, self.built.named,
                                                              self.layout, self.par)
 
@@ -280,6 +255,12 @@ class Trainer:
         # bf16: A_log / D / dt bias forwards read their fp32 masters, as set-up or resume left them
         self.fp32 = Fp32Masters(self.built.named, self.opt_view, fp32_initial)
 
+        with agreed():  # every check passed: the run's folder, cleared of what a killed run left
+            if self.rank == 0:
+                self.out.mkdir(parents=True, exist_ok=True)
+                ckpt.clean_partial(self.ckpt_root)
+                remove_stale(self.out / "final")
+                write_atomic(self.out / "config.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
         self.metrics = Metrics(cfg, self.out, self.rank, self.world, resume_step=self.step, dp=self.par.dp)
         self.metrics.event(self.step, "resume" if latest else "start", world_size=self.world, source=init.source,
                            layout=self.par.describe(), zero_stage=cfg.parallel.zero_stage, dtype=t.dtype,
@@ -294,7 +275,7 @@ class Trainer:
         """The rest of a resume at another layout (the weights were read before DeepSpeed's set-up):
         bf16 master weights, AdamW moments, step counters. -> the resume event's fields."""
         step = int(meta["step"])
-        with portable.agreed(str(latest / ckpt.WEIGHTS_DIR)):
+        with agreed():
             portable.restore_master_weights(self._resume_weights, self.built.named, self.opt_view, self.layout,
                                             self.par)
         del self._resume_weights
@@ -318,7 +299,7 @@ class Trainer:
         data = iter(self.train_loader)
         if self.pipeline:
             data = _pipe_batches(data, self.device)
-        with _StopSignal() as stop_signal:
+        with StopSignal() as stop_signal:
             while self.step < t.steps:
                 t0 = time.perf_counter()
                 loss = self.train_step(data)  # None: the update was skipped
@@ -345,12 +326,12 @@ class Trainer:
                     window, window_time, steps_in_window = [], 0.0, 0
                 if step % t.eval_interval == 0 or step == t.steps:
                     self.evaluate()
-                stopping = self._agree(stop_signal.flag or (stop_after is not None and step >= stop_after))
-                stopping = stopping and step < t.steps
+                reason = agree_stop(stop_signal.flag, stop_after is not None and step >= stop_after)
+                stopping = reason is not None and step < t.steps
                 if step % t.save_interval == 0 or step == t.steps or stopping:
                     self.save()
                 if stopping:
-                    self.metrics.event(step, "stop", reason="signal" if stop_signal.flag else "stop_after")
+                    self.metrics.event(step, "stop", reason=reason)
                     break
         final_dir = None
         if self.step >= t.steps:
@@ -425,9 +406,10 @@ class Trainer:
         self.metrics.event(self.step, "skip", reason=reason, streak=self.bad_streak)
         t = self.cfg.train
         if self.bad_streak >= t.max_bad_steps:
+            good = ckpt.newest_verified(self.ckpt_root)  # collective: every rank is here
             msg = (f"{self.bad_streak} non-finite {kind} in a row at step {at_step} "
                    f"(train.max_bad_steps = {t.max_bad_steps}); stopping. The last good checkpoint is "
-                   f"{self.last_ckpt or 'none (no checkpoint was saved yet)'}")
+                   f"{good or 'none (no checkpoint that verifies was saved yet)'}")
             self.metrics.event(self.step, "diverged", message=msg)
             raise TrainingDiverged(msg)
 
@@ -467,13 +449,6 @@ class Trainer:
                                         config)
         return {"optimizer_state": "layout-free" if wrote else "no optimizer update had run yet"}
 
-    @staticmethod
-    def _agree(flag: bool) -> bool:
-        """True on every rank if it is true on any (a signal may reach one rank only)."""
-        t = torch.tensor([float(flag)], device=collective_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
     def close(self) -> None:
         self.metrics.close()
         self.fp32.release()
@@ -494,10 +469,10 @@ def _export(engine, cfg: Config, out: Path, last_ckpt: Path, step: int, transfer
     from megaxatl.checkpoint.sharded import ShardedCheckpoint
 
     final = out / "final"
-    if dist.get_rank() == 0:
-        meta = {"step": step, "transferred": transferred, "report": report, "trained_from": source}
-        tok = tokenizer_dir if tokenizer_dir and Path(tokenizer_dir).is_dir() else None
-        save_model_dir_streaming(final, ShardedCheckpoint(last_ckpt / ckpt.WEIGHTS_DIR), config_to_dict(cfg), meta,
-                                 tokenizer_dir=tok, overwrite=True)
-    dist.barrier()
+    with agreed():  # a failure on rank 0 (a full disk) stops every rank, none waits in a barrier
+        if dist.get_rank() == 0:
+            meta = {"step": step, "transferred": transferred, "report": report, "trained_from": source}
+            tok = tokenizer_dir if tokenizer_dir and Path(tokenizer_dir).is_dir() else None
+            save_model_dir_streaming(final, ShardedCheckpoint(last_ckpt / ckpt.WEIGHTS_DIR), config_to_dict(cfg),
+                                     meta, tokenizer_dir=tok, overwrite=True)
     return final

@@ -31,7 +31,9 @@ def add_transfer_args(p) -> None:
 
 
 def run_transfer(args) -> int:
+    from megaxatl.checkpoint.reshard import WEIGHTS_OUTPUT, is_weights_output
     from megaxatl.config import load_config
+    from megaxatl.fsutil import check_output
     from megaxatl.transfer.stream import transfer_to_folder
 
     cfg = load_config(args.config)
@@ -39,8 +41,10 @@ def run_transfer(args) -> int:
     if not donor:
         raise ValueError(f"{args.config}: no donor (give --donor or set transfer.donor)")
     out = Path(args.out)
-    if out.exists() and not args.overwrite:  # fail before the (possibly long) transfer
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    # before the (possibly long) transfer: --overwrite replaces only an earlier transfer output (a
+    # model folder of either format), and never the donor or the config (or a folder holding them)
+    check_output(out, inputs=[p for p in (donor, args.config) if Path(p).exists()], overwrite=args.overwrite,
+                 replaceable=is_weights_output, kind=WEIGHTS_OUTPUT)
     layer_map = None
     if args.layer_map:
         try:

@@ -52,7 +52,7 @@ def transfer_to_folder(donor_path, cfg, out: str | Path, *, mode: str | None = N
     """Plan, check, and write the transfer output. fmt "sharded": a sharded model folder (DCP files
     at tp x pp, shards.json); "model-dir": one model.safetensors. -> the TransferReport."""
     from megaxatl.assets.donors import resolve_donor
-    from megaxatl.checkpoint.reshard import save_model_dir_streaming
+    from megaxatl.checkpoint.reshard import WEIGHTS_OUTPUT, is_weights_output, save_model_dir_streaming
     from megaxatl.checkpoint.sharded import check_layout, save_sharded_dir
     from megaxatl.donors import open_donor
     from megaxatl.models import build
@@ -76,8 +76,9 @@ def transfer_to_folder(donor_path, cfg, out: str | Path, *, mode: str | None = N
     config = config_to_dict(cfg)
     meta = {"step": 0, "transferred": report.transferred, "report": report.to_dict(), "source": "megaxatl transfer"}
     extra = {"report.json": report.to_json()}
+    kinds = dict(replaceable=is_weights_output, kind=WEIGHTS_OUTPUT)  # --overwrite: an earlier output of either format
     if fmt == "sharded":
-        save_sharded_dir(out, source, layout, config, meta, report.tokenizer_dir, overwrite, extra_files=extra)
+        save_sharded_dir(out, source, layout, config, meta, report.tokenizer_dir, overwrite, extra_files=extra, **kinds)
     else:
-        save_model_dir_streaming(out, source, config, meta, report.tokenizer_dir, overwrite, extra_files=extra)
+        save_model_dir_streaming(out, source, config, meta, report.tokenizer_dir, overwrite, extra_files=extra, **kinds)
     return report
