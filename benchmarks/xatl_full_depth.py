@@ -59,11 +59,13 @@ KEEP = {"50": 15, "75": 8}
 FIXED = {"50": [i for i in range(N) if i % 2 == 1], "75": [int((i + 0.5) * N / 8) for i in range(8)]}
 
 # Full: ~8 s per 8 x 128 step at full depth on 2 shared cores (+~40% with a teacher forward),
-# 14 arms x 24 steps + evals ~ 60 min.
+# 14 arms x 24 steps + evals ~ 60 min. calib_tokens: README tokens the selection's donor forwards
+# read (one forward per candidate layer, 32 in all at 30 layers: the largest fixed cost of --quick).
+# Both modes use sequences of 128 so that the demo's tokenized Brown is reused.
 FULL = dict(targets=["50", "75"], arms=list(ARMS), steps=24, eval_interval=4, eval_steps=4, batch=8, seq_len=128,
-            align_steps=4)
+            align_steps=4, calib_tokens=4096)
 QUICK = dict(targets=["50"], arms=["scratch", "xatl", "xatl+selected", "selected+distill"], steps=6,
-             eval_interval=3, eval_steps=2, batch=4, seq_len=64, align_steps=1)
+             eval_interval=3, eval_steps=2, batch=2, seq_len=128, align_steps=1, calib_tokens=1024)
 
 
 
@@ -160,7 +162,7 @@ def main(argv=None) -> int:
     # the donor: per-layer costs once (README text), and its own val bits per byte
     t0 = time.time()
     teacher = donor_model(donor_dir)
-    ids = calibration_ids(CALIBRATION, teacher[1], 4096, 256)
+    ids = calibration_ids(CALIBRATION, teacher[1], mode["calib_tokens"], 256)
     selections = {k: select_layers(teacher[0], ids, KEEP[k], method="greedy") for k in mode["targets"]}
     del teacher
     for k, sel in selections.items():
