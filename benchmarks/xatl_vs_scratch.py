@@ -43,9 +43,10 @@ import sys
 import time
 from pathlib import Path
 
-from megaxatl.demo import DEFAULT_CONFIG, eval_curve, plot_into, prepare_corpus
+from megaxatl.demo import eval_curve, plot_into, prepare_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "xatl_vs_scratch_smollm2_4block.json"  # the 4-block cut; the demo runs at full depth
 
 DEFAULT_MODE = "emb+norm+mlp+oproj"
 # arm name -> (transfer mode or None for scratch, LIT freeze?)
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
     root.mkdir(parents=True)
     print(f"[xatl] writing into {root}; {mode}", flush=True)
 
-    base = load_config(DEFAULT_CONFIG)
+    base = load_config(CONFIG)
     base.train.steps = mode["steps"]
     base.train.eval_interval = mode["eval_interval"]
     base.train.eval_steps = mode["eval_steps"]
@@ -207,7 +208,7 @@ def main(argv=None) -> int:
                 f.patience, f.warmup_steps = args.lit_patience, args.lit_warmup
             t0 = time.time()
             print(f"[xatl] {variant} {pattern}: training {name}, {arm.train.steps} steps", flush=True)
-            run(arm, source=str(DEFAULT_CONFIG))
+            run(arm, source=str(CONFIG))
             wall = time.time() - t0
             rec = {"mode": tmode, "lit": lit, "curve": eval_curve(vdir / name), "wall_s": round(wall, 1),
                    "step_s": mean_step_seconds(vdir / name, tokens_per_step)}

@@ -160,7 +160,7 @@ def run_demo(args) -> int:
         # scratch is the baseline without the donor: no transferred weights and no teacher
         d = arm.train.distill
         d.teacher = (str(donor_dir) if teacher == "donor" else teacher) if name == "xatl" else None
-        how = f"; distilled from {teacher} (weight {d.weight}, {d.align_steps} alignment steps)" if d.teacher else ""
+        how = f"; distilled from {cfg.transfer.donor if teacher == 'donor' else teacher} (weight {d.weight}, {d.align_steps} alignment steps)" if d.teacher else ""
         print(f"[demo] training {name}: {arm.train.steps} steps of {arm.data.micro_batch_size} x {arm.data.seq_len} "
               f"tokens{how}")
         run(arm, source=args.config)
