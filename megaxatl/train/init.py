@@ -81,6 +81,56 @@ def materialize(lm: nn.Module, names: set[str], layout, par, fill: Callable) -> 
     return local
 
 
+def materialize_partitioned(lm: nn.Module, names: set[str], layout, par, fill: Callable,
+                            partition: Callable, dtype: torch.dtype | None = None) -> tuple[dict, dict, int]:
+    """ZeRO-3: `materialize` one unit at a time, each handed to `partition` (its parameters ->
+    partitioned in place, full storage freed) before the next unit gets storage, so a rank never
+    holds more than its partitions plus one whole unit. fill is called once per unit with that
+    unit's parameters (the values are those of one call with all: fills are per name). dtype: the
+    parameters' training dtype, cast to before partitioning (DeepSpeed casts a ZeRO-Init model's
+    parameters no more). -> ({global name: parameter}, the fp32 values of the parameters that
+    keep fp32 masters, taken before that cast, the peak number of parameter elements with
+    storage at once)."""
+    from megaxatl.checkpoint.agree import agreed
+    from megaxatl.models.lm import unit_of
+    from megaxatl.models.params import keeps_fp32
+
+    params = dict(lm.named_parameters())
+    by_unit: dict[str, list[str]] = {}
+    for name in sorted(names, key=list(params).index):
+        by_unit.setdefault(unit_of(name), []).append(name)
+    local, initial, held, peak = {}, {}, 0, 0
+    for unit, unit_names in by_unit.items():
+        with agreed():  # a fill failing on one rank must not leave the others in the partitioner's broadcast
+            part = materialize(lm, set(unit_names), layout, par, fill)
+        whole = sum(p.numel() for p in part.values())
+        peak = max(peak, held + whole)
+        for name, p in part.items():
+            if keeps_fp32(p):
+                initial[name] = p.detach().float().clone()
+            if dtype is not None and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        partition(list(part.values()))
+        held += sum(_stored(p) for p in part.values())
+        local.update(part)
+    release_fill(fill)
+    return local, initial, peak
+
+
+def release_fill(fill: Callable) -> None:
+    """After the last call of a build: drop what a fill kept across its calls (an open weights
+    folder, a transferred target)."""
+    release = getattr(fill, "release", None)
+    if release is not None:
+        release()
+
+
+def _stored(p: torch.Tensor) -> int:
+    """Elements p holds storage for: its ZeRO-3 partition, or itself."""
+    ds = getattr(p, "ds_tensor", None)
+    return p.data.numel() + (ds.numel() if ds is not None else 0)
+
+
 def _fill_buffers(lm: nn.Module, units: set[str], cfg) -> None:
     """Buffers (rotary frequencies) are computed in constructors: take them from a unit built on
     the CPU (any seed: they are not random). A buffer the TP cut changed would be refused."""
@@ -126,32 +176,44 @@ def _from_weights(cfg: Config, path: Path) -> Initial:
     inp, _ = open_init(path)
     meta = inp.meta
 
+    opened: list = []  # kept open across the calls of one build (one per unit under ZeRO-3)
+
     def fill(local, layout, par):
         from megaxatl.checkpoint.sharded import ShardedCheckpoint, load_sharded
         from megaxatl.train.preflight import open_init as reopen
 
-        _, source = reopen(path)  # opened on every rank, here, after the inputs were checked
+        if not opened:  # opened on every rank, here, after the inputs were checked
+            opened.append(reopen(path)[1])
+            if not isinstance(opened[0], ShardedCheckpoint):
+                _check_file(opened[0])
+        source = opened[0]
         if isinstance(source, ShardedCheckpoint):
             load_sharded(source, {n: p.data for n, p in local.items()}, layout.rules, par.tp_rank, par.tp)
         else:
             _fill_from_safetensors(source, local, layout, par)
 
+    fill.release = opened.clear
     return Initial(f"init_from:{path}", fill, list(meta.get("transferred", [])), meta.get("report"),
                    str(inp.tokenizer_dir) if inp.tokenizer_dir else None)
 
 
-@torch.no_grad()
-def _fill_from_safetensors(source, local: dict, layout, par) -> None:
-    """A single-file model folder: its checksum is checked (the whole file is this rank's input),
-    then each tensor is read as this rank's slices only (safetensors reads regions lazily)."""
+def _check_file(source) -> None:
+    """A single-file model folder: its checksum is checked (the whole file is this rank's input)."""
     from megaxatl.checkpoint import CheckpointError
     from megaxatl.checkpoint.model_dir import read_meta
-    from megaxatl.checkpoint.sharded import local_chunks
     from megaxatl.fsutil import sha256_file
 
     expected = read_meta(source.file.parent).get("sha256", {}).get(source.file.name)
     if expected and sha256_file(source.file) != expected:
         raise CheckpointError(f"{source.file}: checksum mismatch (corrupt or modified file)")
+
+
+@torch.no_grad()
+def _fill_from_safetensors(source, local: dict, layout, par) -> None:
+    """Each tensor of a (checked, _check_file) single-file model folder read as this rank's slices
+    only (safetensors reads regions lazily)."""
+    from megaxatl.checkpoint.sharded import local_chunks
+
     for name, p in local.items():
         shape = layout.shapes[name]
         sl = source._f.get_slice(name)
@@ -193,12 +255,16 @@ def _from_donor(cfg: Config, selection) -> Initial:
     then `train.init_from` is the path that scales). The report is known only after the copy."""
     initial = Initial(f"donor:{cfg.transfer.donor}", None)
 
+    built: list = []  # the transferred target, kept across the calls of one build (per unit under ZeRO-3)
+
     @torch.no_grad()
     def fill(local, layout, par):
         from megaxatl.parallel.tp_rules import shard_tensor
         from megaxatl.transfer import from_donor  # lazy: donor readers pull in transformers
 
-        model, report = from_donor(cfg.transfer.donor, cfg, seed=cfg.train.seed)
+        if not built:
+            built.append(from_donor(cfg.transfer.donor, cfg, seed=cfg.train.seed))
+        model, report = built[0]
         full = dict(model.named_parameters())
         for name, p in local.items():
             p.copy_(shard_tensor(name, full[name].data, layout.rules[name], par.tp_rank, par.tp) if par.tp > 1
@@ -208,5 +274,6 @@ def _from_donor(cfg: Config, selection) -> Initial:
         initial.transferred, initial.report = list(report.transferred), report.to_dict()
         initial.tokenizer_dir = report.tokenizer_dir
 
+    fill.release = built.clear
     initial.fill = fill
     return initial

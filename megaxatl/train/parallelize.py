@@ -27,6 +27,10 @@ class Parallelized:
     lm: nn.Module      # the (TP-sharded) LM; with pp > 1 only this stage's parts are used
     named: list       # [(global name, parameter)] this rank holds, tied copies once
     state: ParallelState
+    # ZeRO-3 built unit by unit (train/init.materialize_partitioned): the fp32 values of the
+    # keeps_fp32 parameters before their cast, and the peak parameter elements stored at once
+    initial: dict | None = None
+    peak_elements: int | None = None
 
     @property
     def mpu(self) -> Any:
@@ -50,10 +54,17 @@ def parallelize(lm, cfg: Config, state: ParallelState, loss_wrapper=None, fill=N
         from megaxatl.parallel import apply_tensor_parallel
 
         apply_tensor_parallel(lm, state.tp_group, sequence_parallel=cfg.parallel.sequence_parallel)
+    if fill is not None and cfg.parallel.zero_stage == 3 and state.pp == 1:
+        from megaxatl.train.init import local_names, materialize_partitioned
+
+        _, initial, peak = materialize_partitioned(lm, local_names(layout, state), layout, state, fill,
+                                                   zero3_partitioner(cfg, state), _train_dtype(cfg))
+        return Parallelized(lm, lm, _unique(lm.named_parameters()), state, initial, peak)
     if fill is not None:
-        from megaxatl.train.init import local_names, materialize
+        from megaxatl.train.init import local_names, materialize, release_fill
 
         materialize(lm, local_names(layout, state), layout, state, fill)
+        release_fill(fill)
     if state.pp == 1:
         return Parallelized(lm, lm, _unique(lm.named_parameters()), state)
     from megaxatl.parallel.pipeline import build_pipeline, stage_named_parameters
@@ -63,6 +74,34 @@ def parallelize(lm, cfg: Config, state: ParallelState, loss_wrapper=None, fill=N
     loss_fn = pipeline_loss(lm)
     module, names = build_pipeline(lm, state.topology, loss_wrapper(loss_fn) if loss_wrapper else loss_fn)
     return Parallelized(module, lm, list(stage_named_parameters(module, names)), state)
+
+
+def zero3_partitioner(cfg: Config, state: ParallelState):
+    """params -> partitioned over the DP group in place, as DeepSpeed's ZeRO-3 set-up would do to a
+    whole module (runtime/zero/parameter_offload.py: zero.Init(module=...) with the engine's config
+    and the DP group), so deepspeed.initialize finds a ZeRO-Init model and partitions nothing."""
+    import deepspeed
+    from torch import nn as _nn
+
+    from megaxatl.train.engine import ds_config
+
+    config = ds_config(cfg, state.tp * state.pp * state.dp)
+    mpu = state.grid if state.tp > 1 else None
+    group = mpu.get_data_parallel_group() if mpu is not None else None
+
+    def partition(params: list) -> None:
+        holder = _nn.Module()  # zero.Init(module=) takes a module: one holding just these
+        for i, p in enumerate(params):
+            holder.register_parameter(f"p{i}", p)
+        deepspeed.zero.Init(module=holder, data_parallel_group=group, config_dict_or_path=config, mpu=mpu)
+
+    return partition
+
+
+def _train_dtype(cfg: Config):
+    import torch
+
+    return torch.bfloat16 if cfg.train.dtype == "bf16" else None
 
 
 def _unique(named) -> list:

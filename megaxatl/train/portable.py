@@ -85,6 +85,20 @@ def load_weights(folder: Path, named, layout: Layout, par) -> ShardedCheckpoint:
     return ckpt
 
 
+def weights_fill(folder: Path):
+    """load_weights as an init fill (`fill(local, layout, par)`, called once per unit under ZeRO-3):
+    the folder is opened, and its checksums checked, once."""
+    opened: list = []
+
+    def fill(local, layout, par):
+        if not opened:
+            opened.append(ShardedCheckpoint(folder))
+        load_sharded(opened[0], {name: p.data for name, p in local.items()}, layout.rules, par.tp_rank, par.tp)
+
+    fill.release = opened.clear
+    return fill
+
+
 def restore_master_weights(ckpt: ShardedCheckpoint, named, view: OptimizerView, layout: Layout, par) -> None:
     """After deepspeed.initialize: a bf16 run's fp32 master copies were made from the bf16-rounded
     parameters; set them from the saved fp32 weights (`ckpt`: what load_weights opened). No

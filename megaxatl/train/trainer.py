@@ -198,12 +198,17 @@ class Trainer:
             model = build(cfg)
         model.gradient_checkpointing = cfg.parallel.activation_checkpointing
         all_names = {n for n, _ in model.named_parameters()}
+        zero3_relayout = self.layout_change and cfg.parallel.zero_stage == 3
+        if zero3_relayout:  # ZeRO-3 partitions each unit as it is built: read the saved weights then
+            init.fill = portable.weights_fill(latest / ckpt.WEIGHTS_DIR)
         self.built = parallelize(model, cfg, self.par, loss_wrapper=self._inject_fault if fault else None,
                                  fill=init.fill, layout=self.layout)
         self.source_kind = init.source
         self.transferred = saved["transferred"] if saved else init.transferred
         self.report = saved.get("report") if saved else init.report
-        if self.layout_change:  # before DeepSpeed copies them into its partitions / master weights
+        if zero3_relayout:
+            self._resume_weights = portable.ShardedCheckpoint(latest / ckpt.WEIGHTS_DIR)
+        elif self.layout_change:  # before DeepSpeed copies them into its partitions / master weights
             with agreed():  # a bad file stops every rank
                 self._resume_weights = portable.load_weights(latest / ckpt.WEIGHTS_DIR, self.built.named,
                                                              self.layout, self.par)
@@ -220,7 +225,9 @@ class Trainer:
             from megaxatl.train.distill import Distiller
 
             self.distill = Distiller.from_config(cfg, self.device, self.tokenizer_dir)
-        fp32_initial = initial_values(self.built.named) if latest is None else None  # before the bf16 cast
+        fp32_initial = None
+        if latest is None:  # before the bf16 cast (ZeRO-3: taken unit by unit, before partitioning)
+            fp32_initial = self.built.initial if self.built.initial is not None else initial_values(self.built.named)
         self.engine = create_engine(self.built.module, optimizer, self.scheduler, cfg, self.world, mpu=self.built.mpu)
         self.opt_view = OptimizerView(self.engine.optimizer, optimizer)
         self.guard.attach(plan_norm(self.built.named, self.opt_view, self.layout, self.par.tp_rank, self.par.tp,
