@@ -1,7 +1,8 @@
 """ZeRO-3 builds the LM unit by unit into DP partitions (train/init.materialize_partitioned): no rank
 ever holds the whole model. Two CPU ranks (gloo): the gathered parameters are the TP 1 x PP 1
 scratch init bit for bit, the construction's peak is the partitions plus one unit, and training
-from it gives the losses of a ZeRO-1 run of the same config."""
+from it gives the losses of a ZeRO-1 run of the same config; in bf16 the fp32-master parameters
+keep their fp32 init."""
 
 from __future__ import annotations
 
@@ -51,3 +52,36 @@ def test_zero3_built_by_units_trains_like_zero1(tmp_path, train_shards):
     assert sorted(got[3]) == [1, 2, 3]
     assert got[3][1] == got[1][1], got  # the same initial weights: the first loss exactly
     assert all(abs(got[3][s] - got[1][s]) <= 1e-5 * got[1][s] for s in (2, 3)), got
+
+
+def test_zero3_bf16_keeps_the_fp32_init_of_the_marked_parameters(tmp_path, train_shards):
+    """bf16: each unit is cast before it is partitioned (DeepSpeed casts a ZeRO-Init model no more);
+    the keeps_fp32 parameters' masters still start from their fp32 values, taken before the cast."""
+    import deepspeed
+    import torch
+
+    from megaxatl.models.params import keeps_fp32
+    from megaxatl.train.deepspeed_internals import param_shape
+    from megaxatl.train.trainer import Trainer
+
+    data = tiny_config(tmp_path / "run", train_shards, train__dtype="bf16", train__steps=2, train__eval_interval=100,
+                       train__save_interval=100, parallel__zero_stage=3, model__n_layers=3, model__pattern="M*S",
+                       model__mamba2={"d_state": 8, "head_dim": 16, "chunk_size": 8})
+    cfg = config_from_dict(data)
+    want = {n: p.detach() for n, p in build(cfg, seed=cfg.train.seed).named_parameters()}
+    trainer = Trainer(cfg)
+    try:
+        named = dict(trainer.built.named)
+        marked = sorted(n for n, p in named.items() if keeps_fp32(p))
+        assert len(marked) == 6
+        for n, p in named.items():
+            assert hasattr(p, "ds_id") and p.dtype == torch.bfloat16, n
+            with deepspeed.zero.GatheredParameters([p]):
+                assert torch.equal(p.detach(), want[n].to(torch.bfloat16)), n
+        for n in marked:
+            master = trainer.opt_view.master(named[n]).reshape(param_shape(named[n]))
+            assert master.dtype == torch.float32 and torch.equal(master, want[n]), n
+        res = trainer.fit()
+        assert res.completed and res.step == 2
+    finally:
+        trainer.close()
