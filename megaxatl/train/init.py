@@ -14,6 +14,11 @@ at, done our way):
 
 The rest of the model (other stages) stays on the meta device for the whole run: no rank holds
 another stage's storage. Peak host memory is the local shard plus one whole unit.
+
+Under ZeRO-3 (materialize_partitioned) steps 3 and 4 run one unit at a time, and each unit is
+handed to DeepSpeed's partitioner before the next gets storage: the local shard itself is never
+whole on a rank, only its 1/dp partitions plus the unit being built (and the fill's own copy of
+it, for scratch) are.
 """
 
 from __future__ import annotations
@@ -90,14 +95,15 @@ def materialize_partitioned(lm: nn.Module, names: set[str], layout, par, fill: C
     parameters' training dtype, cast to before partitioning (DeepSpeed casts a ZeRO-Init model's
     parameters no more). -> ({global name: parameter}, the fp32 values of the parameters that
     keep fp32 masters, taken before that cast, the peak number of parameter elements with
-    storage at once)."""
+    storage at once: partitions plus the unit being built; a fill's own temporaries, such as
+    scratch's reference unit, are not parameters and not counted)."""
     from megaxatl.checkpoint.agree import agreed
     from megaxatl.models.lm import unit_of
     from megaxatl.models.params import keeps_fp32
 
-    params = dict(lm.named_parameters())
+    order = {n: i for i, (n, _) in enumerate(lm.named_parameters())}  # units in module order, as DeepSpeed would
     by_unit: dict[str, list[str]] = {}
-    for name in sorted(names, key=list(params).index):
+    for name in sorted(names, key=order.__getitem__):
         by_unit.setdefault(unit_of(name), []).append(name)
     local, initial, held, peak = {}, {}, 0, 0
     for unit, unit_names in by_unit.items():

@@ -2,7 +2,8 @@
 
     plain LM (on the meta device, or built with the same weights on every rank)
       -> tensor parallel (tp > 1): parallel.apply_tensor_parallel over the TP group
-      -> storage and values for this rank's part only (`fill`: train/init.py), when on meta
+      -> storage and values for this rank's part only (`fill`: train/init.py), when on meta;
+         under ZeRO-3 unit by unit, each partitioned over the DP group as soon as it is filled
       -> pipeline stage  (pp > 1): parallel.pipeline.build_pipeline, this rank's stage only
       -> DeepSpeed (ZeRO over the DP group) in the trainer
 
@@ -29,6 +30,7 @@ class Parallelized:
     state: ParallelState
     # ZeRO-3 built unit by unit (train/init.materialize_partitioned): the fp32 values of the
     # keeps_fp32 parameters before their cast, and the peak parameter elements stored at once
+    # (materialize_partitioned says what it counts)
     initial: dict | None = None
     peak_elements: int | None = None
 
