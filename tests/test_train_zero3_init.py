@@ -85,3 +85,45 @@ def test_zero3_bf16_keeps_the_fp32_init_of_the_marked_parameters(tmp_path, train
         assert res.completed and res.step == 2
     finally:
         trainer.close()
+
+
+@pytest.mark.parametrize("source", ["init_from", "donor"])
+def test_zero3_fills_from_a_weights_folder_or_a_donor_unit_by_unit(tmp_path, train_shards, source):
+    """The fills called once per unit under ZeRO-3 give the values of one call (ZeRO-0's build)."""
+    import deepspeed
+    import torch
+
+    from megaxatl.train.trainer import Trainer
+    from test_train_common import make_init_dir
+
+    data = tiny_config(tmp_path / "w", train_shards, train__steps=1)
+    if source == "init_from":
+        make_init_dir(data, tmp_path / "init")
+        data["train"]["init_from"] = str(tmp_path / "init")
+    else:
+        pytest.importorskip("transformers")
+        from fixtures_donors import make_tiny_donor
+        from megaxatl.donors import open_donor
+        from megaxatl.transfer import model_dict_from_donor
+
+        _, donor = make_tiny_donor("gpt_neox", tmp_path / "neox", vocab_size=300)
+        data["model"] = model_dict_from_donor(open_donor(donor).spec, "*M", mamba={"d_state": 8})
+        data["transfer"] = {"donor": str(donor)}
+    got = {}
+    for stage in (0, 3):
+        data["train"]["out_dir"] = str(tmp_path / f"z{stage}")
+        data["parallel"] = {"zero_stage": stage}
+        trainer = Trainer(config_from_dict(data))
+        try:
+            assert trainer.source_kind.startswith(source)
+            got[stage] = {}
+            for n, p in trainer.built.named:
+                with deepspeed.zero.GatheredParameters([p], enabled=stage == 3):
+                    got[stage][n] = p.detach().clone()
+            if stage == 3:
+                assert trainer.transferred == transferred and trainer.report == report
+            transferred, report = trainer.transferred, trainer.report
+        finally:
+            trainer.close()
+    assert set(got[3]) == set(got[0]) and transferred
+    assert all(torch.equal(got[3][n], got[0][n]) for n in got[0]), [n for n in got[0] if not got[3][n].equal(got[0][n])]
