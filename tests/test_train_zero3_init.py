@@ -1,5 +1,5 @@
 """ZeRO-3 builds the LM unit by unit into DP partitions (train/init.materialize_partitioned): no rank
-ever holds the whole model. Two CPU ranks (gloo): the gathered parameters are the TP 1 x PP 1
+ever holds the whole model. Two DP ranks on CPU (gloo; with TP 2, four): the gathered parameters are the TP 1 x PP 1
 scratch init bit for bit, the construction's peak is the partitions plus one unit, and training
 from it gives the losses of a ZeRO-1 run of the same config; in bf16 the fp32-master parameters
 keep their fp32 init."""
@@ -24,14 +24,20 @@ def config(out, shards, **over):
     return tiny_config(out, shards, model__n_layers=4, model__pattern="*M*M", train__seed=5, **over)
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_zero3_two_ranks_build_the_scratch_init_without_the_whole_model(tmp_path, train_shards, tie):
-    data = config(tmp_path / "run", train_shards, parallel__zero_stage=3, model__tie_embeddings=tie)
+@pytest.mark.parametrize("tie,tp", [(True, 1), (False, 1), (False, 2)])
+def test_zero3_two_dp_ranks_build_the_scratch_init_without_the_whole_model(tmp_path, train_shards, tie, tp):
+    """tp 2: four ranks, TP 2 x DP 2; rank 0's TP part is partitioned over its DP group."""
+    from megaxatl.checkpoint.sharded import check_layout
+    from megaxatl.parallel.tp_rules import shard_tensor
+
+    data = config(tmp_path / "run", train_shards, parallel__zero_stage=3, parallel__tp=tp, model__tie_embeddings=tie)
     path = write_config(tmp_path / "c.json", data)
-    assert_ok(launch(path, nproc=2, script=WORKER, extra=["--out", str(tmp_path / "got")]))
+    assert_ok(launch(path, nproc=2 * tp, script=WORKER, extra=["--out", str(tmp_path / "got")], timeout=400))
     got = load_file(str(tmp_path / "got" / "weights.safetensors"))
     cfg = config_from_dict(data)
-    want = {n: p.detach() for n, p in build(cfg, seed=cfg.train.seed).named_parameters()}  # tied: once
+    layout = check_layout(cfg.model, tp, 1)
+    want = {n: shard_tensor(n, p.detach(), layout.rules[n], 0, tp) if tp > 1 else p.detach()
+            for n, p in build(cfg, seed=cfg.train.seed).named_parameters()}  # tied: once
     assert set(got) == set(want)
     for name, w in want.items():
         assert got[name].dtype == w.dtype and got[name].equal(w), name
