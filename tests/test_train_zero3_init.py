@@ -1,6 +1,6 @@
 """ZeRO-3 builds the LM unit by unit into DP partitions (train/init.materialize_partitioned): no rank
-ever holds the whole model. Two DP ranks on CPU (gloo; with TP 2, four): the gathered parameters are the TP 1 x PP 1
-scratch init bit for bit, the construction's peak is the partitions plus one unit, and training
+ever holds the whole model. Two DP ranks on CPU (gloo; with TP 2, four): the gathered parameters
+are the TP 1 x PP 1 scratch init bit for bit, the construction's peak is the partitions plus one unit, and training
 from it gives the losses of a ZeRO-1 run of the same config; in bf16 the fp32-master parameters
 keep their fp32 init."""
 
