@@ -1,6 +1,6 @@
 """Distillation (megaxatl/train/distill.py): the loss and its gradient against a direct computation,
 hidden-state alignment touching only the replaced mixers, exact resume across both stages, and
-the layouts it refuses."""
+the layouts alignment refuses (tensor / pipeline parallel runs: test_train_distill_parallel.py)."""
 
 from __future__ import annotations
 
@@ -117,11 +117,16 @@ def test_distillation_refuses_layouts_it_does_not_cover(tmp_path, train_shards, 
     from megaxatl.config import load_config
     import json
 
-    for over, what in (({"parallel__tp": 2}, "tp = 1, pp = 1"), ({"parallel__zero_stage": 3}, "ZeRO stage 3")):
+    for over, what in (({"parallel__tp": 2}, "tp = 1, pp = 1"), ({"parallel__pp": 2}, "tp = 1, pp = 1"),
+                       ({"parallel__zero_stage": 3}, "ZeRO stage 3")):
         p = tmp_path / "c.json"
         p.write_text(json.dumps(_distill_cfg(tmp_path / "x", train_shards, teacher, **over)))
-        with pytest.raises(ConfigError, match=what):
+        with pytest.raises(ConfigError, match="train.distill.align_steps.*" + what):
             load_config(p)
+    # logit distillation itself runs at tp / pp > 1 (tests/test_train_distill_parallel.py)
+    p.write_text(json.dumps(_distill_cfg(tmp_path / "x", train_shards, teacher, parallel__tp=2,
+                                         train__distill__align_steps=0)))
+    assert load_config(p).parallel.tp == 2
     bad = tiny_config(tmp_path / "v", train_shards, train__distill={"teacher": str(teacher)},
                       model__vocab_size=320)
     with pytest.raises(ValueError, match="vocabulary"):

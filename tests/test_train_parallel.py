@@ -18,12 +18,13 @@ pytestmark = pytest.mark.multiprocess
 WORKER = REPO / "tests" / "train_fault_worker.py"
 
 
-def assert_same_run(ref: dict, got: dict, steps):
+def assert_same_run(ref: dict, got: dict, steps, later_grad_tol: float = 1e-4):
     """Losses within 1e-5 (relative) at every step; gradient norms within 1e-6 at the first step
-    (the same weights: this checks what the norm counts) and 1e-4 after it (the gradient is more
-    sensitive than the loss to the rounding differences TP's split sums accumulate)."""
+    (the same weights: this checks what the norm counts) and `later_grad_tol` after it (the
+    gradient is more sensitive than the loss to the rounding differences TP's split sums
+    accumulate)."""
     for s in steps:
-        for key, tol in (("loss", 1e-5), ("grad_norm", 1e-6 if s == steps[0] else 1e-4)):
+        for key, tol in (("loss", 1e-5), ("grad_norm", 1e-6 if s == steps[0] else later_grad_tol)):
             a, b = ref[s][key], got[s][key]
             assert abs(a - b) <= tol * abs(a), f"step {s} {key}: single process {a}, parallel {b}"
 

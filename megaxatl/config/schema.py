@@ -636,9 +636,9 @@ class Config:
             if any(s in ATTENTION_SYMBOLS for s in m.pattern) and (m.n_heads % p.tp or (m.kv_heads % p.tp and p.tp % m.kv_heads)):
                 out.append(("parallel.tp", f"tp {p.tp} does not split {m.n_heads} heads / {m.kv_heads} KV heads"))
         d = self.train.distill
-        if d.teacher is not None and (p.tp > 1 or p.pp > 1):
-            out.append(("train.distill.teacher", "distillation runs its teacher in process at tp = 1, pp = 1 only "
-                                                 f"(got tp {p.tp}, pp {p.pp})"))
+        if d.teacher is not None and d.align_steps and (p.tp > 1 or p.pp > 1):
+            out.append(("train.distill.align_steps", "hidden-state alignment calls the mixers outside the engine: "
+                                                     f"tp = 1, pp = 1 only (got tp {p.tp}, pp {p.pp})"))
         if d.teacher is not None and d.align_steps and p.zero_stage == 3:
             out.append(("train.distill.align_steps", "hidden-state alignment calls the mixers outside the engine: "
                                                      "ZeRO stage 3 is not supported"))

@@ -127,12 +127,20 @@ class LM(nn.Module):
         # padded vocab rows exist for TP / kernels only; they are never predicted
         return out[..., : self.cfg.vocab_size] if out.shape[-1] != self.cfg.vocab_size else out
 
-    def forward(self, input_ids: torch.Tensor, cache: list | None = None, labels: torch.Tensor | None = None):
+    def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the logits: all of them here (a TP model: its vocab shard)."""
+        return self.logits(hidden)
+
+    def forward(self, input_ids: torch.Tensor, cache: list | None = None, labels: torch.Tensor | None = None,
+                local: bool = False):
         """input_ids: (B, L) -> logits (B, L, vocab). With `cache` -> (logits, new cache). With
         `labels` -> the loss (so a wrapper such as DeepSpeed's engine reaches `loss`, which under
-        tensor parallelism never gathers the full logits)."""
+        tensor parallelism never gathers the full logits). local: local_logits instead (the
+        distillation loss works on them, through the engine as the loss does)."""
         if labels is not None:
             return self.loss(input_ids, labels)
+        if local:
+            return self.local_logits(self.hidden_states(input_ids)[0])
         hidden, new_cache = self.hidden_states(input_ids, cache)
         logits = self.logits(hidden)
         return logits if cache is None else (logits, new_cache)

@@ -94,7 +94,7 @@ def pipeline_loss(lm) -> Callable:
         logits = logits.float().flatten(0, 1)
         labels = labels.flatten()
         if getattr(lm, "tp_size", 1) > 1:
-            from megaxatl.parallel.tensor_parallel import vocab_parallel_cross_entropy
+            from megaxatl.parallel.vocab_loss import vocab_parallel_cross_entropy
 
             return vocab_parallel_cross_entropy(logits, labels, lm.tp_vocab_start, vocab, lm.tp_group)
         return F.cross_entropy(logits[:, :vocab], labels, ignore_index=-100)

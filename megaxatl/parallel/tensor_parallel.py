@@ -60,9 +60,10 @@ from megaxatl.models.mamba2 import Mamba2
 from megaxatl.models.mlp import MLP
 from megaxatl.models.norms import GatedRMSNorm, LayerNorm, RMSNorm
 from megaxatl.models.retention import Retention, retention_log_decay
-from megaxatl.parallel.comm import (all_reduce_both, column_linear, copy_to, gather_last, gather_seq, mcore, reduce_from,
+from megaxatl.parallel.comm import (all_reduce_both, column_linear, copy_to, gather_last, gather_seq, reduce_from,
                                     reduce_scatter_seq, sync_unit_grads)
 from megaxatl.parallel.tp_rules import Replicate, Shard, local_copied_pieces, model_rules, shard_tensor
+from megaxatl.parallel.vocab_loss import vocab_parallel_cross_entropy
 
 
 class SequenceParallel:
@@ -229,53 +230,6 @@ class TensorParallelLM(LM):
         local = self.local_logits(hidden).float().flatten(0, 1)
         return vocab_parallel_cross_entropy(local, labels.flatten(), self.tp_vocab_start, self.cfg.vocab_size,
                                             self.tp_group, ignore_index)
-
-
-# ---- vocab-parallel cross entropy --------------------------------------------------------------
-
-class _VocabParallelCE(torch.autograd.Function):
-    """megatron-core's vocab-parallel cross entropy (its VocabParallelCrossEntropy steps, the ones
-    its fused and unfused versions share) over OUR group: megatron's own
-    vocab_parallel_cross_entropy reads the group, rank and vocab range from parallel_state's
-    globals (megatron-core 0.16.1: AssertionError 'tensor model parallel group is not
-    initialized' without initialize_model_parallel), and knows nothing of padded vocab rows."""
-
-    @staticmethod
-    def forward(ctx, logits, target, vocab_start, vocab_size, group):
-        steps = mcore().cross_entropy.VocabParallelCrossEntropy
-        n, vl = logits.shape
-        cols = torch.arange(vocab_start, vocab_start + vl, device=logits.device)
-        logits = logits.masked_fill(cols >= vocab_size, float("-inf"))  # padded rows never predicted
-        logits, mx = steps.calculate_logits_max(logits)  # a fresh tensor: the steps work in place
-        dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
-        target_mask, masked_target, picked, sum_exp, exp = steps.calculate_predicted_logits(
-            logits, target, mx, vocab_start, vocab_start + vl)
-        sums = torch.stack((picked, sum_exp))  # one all-reduce for both sums
-        dist.all_reduce(sums, group=group)
-        softmax, loss = steps.calculate_cross_entropy_loss(exp, sums[0], sums[1])
-        ctx.save_for_backward(softmax, target_mask, masked_target)
-        ctx.spent = False
-        return loss
-
-    @staticmethod
-    def backward(ctx, g):
-        if ctx.spent:  # the steps turn the saved softmax into the gradient in place
-            raise RuntimeError("vocab-parallel cross entropy: a second backward through the same graph is not "
-                               "supported (retain_graph); recompute the loss")
-        ctx.spent = True
-        softmax, target_mask, masked_target = ctx.saved_tensors
-        steps = mcore().cross_entropy.VocabParallelCrossEntropy
-        grad_2d, rows, update, grad = steps.prepare_gradient_calculation_operands(softmax, target_mask)
-        return steps.calculate_gradients(grad_2d, rows, masked_target, update, grad, g), None, None, None, None
-
-
-def vocab_parallel_cross_entropy(local_logits, target, vocab_start: int, vocab_size: int, group,
-                                 ignore_index: int = -100):
-    """Mean cross entropy from vocab-sharded logits (N, V_padded / tp), target (N,) global ids;
-    equals F.cross_entropy on the gathered, unpadded logits."""
-    valid = target != ignore_index
-    losses = _VocabParallelCE.apply(local_logits, target.masked_fill(~valid, -1), vocab_start, vocab_size, group)
-    return (losses * valid).sum() / valid.sum()
 
 
 # ---- apply -------------------------------------------------------------------------------------

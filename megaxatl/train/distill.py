@@ -13,10 +13,19 @@ Two stages, after MOHAWK (Bick et al. 2024) and MambaInLlama:
    linearly from `weight` to `weight_end` across the stage.
 
 The teacher is our own all-attention model of a donor (transfer/donor_model.py) or any model
-folder, with the student's vocabulary (and tokenizer, when both name one). It runs on each rank
-in process; that covers tp = 1, pp = 1, any DP, ZeRO 0-3 for stage 2 and 0-2 for stage 1 (which
-calls the student's mixers directly, outside the engine's ZeRO-3 parameter gathers). Other
-layouts are refused by the config check.
+folder, with the student's vocabulary (and tokenizer, when both name one), in process, bf16 or
+fp32, without gradients. Layouts:
+
+    tp > 1   the teacher is cut by the same TP rules as the student (apply_tensor_parallel over
+             the student's TP group, vocab padded alike), so each rank holds 1 / tp of it and
+             both give this rank's vocab shard of the logits; CE and KL are vocab-parallel
+             (parallel/vocab_loss.py): no rank gathers the full logits
+    pp > 1   the teacher runs on the last stage, where the loss is: the pipeline's labels are
+             (labels, input ids) while distilling, and `pipe_loss` is the pipeline's loss
+    DP, ZeRO 0-3 for stage 2 (through the engine, as the LM loss)
+
+Stage 1 (alignment) calls the student's mixers directly, outside the engine: it needs tp = 1,
+pp = 1 and ZeRO 0-2, and the config check refuses it elsewhere.
 """
 
 from __future__ import annotations
@@ -44,13 +53,23 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def mixed_loss(student_logits, labels, teacher_logits, weight: float, temperature: float,
-               ignore_index: int = -100) -> torch.Tensor:
-    """(1 - weight) * cross entropy + weight * kl_loss, over the tokens whose label counts."""
+               ignore_index: int = -100, shard: tuple | None = None) -> torch.Tensor:
+    """(1 - weight) * cross entropy + weight * kl_loss, over the tokens whose label counts.
+    shard: (vocab_start, vocab_size, TP group) when both logits are this rank's vocab shard
+    (B, L, V_padded / tp); the result is the same as on the gathered logits."""
     mask = labels != ignore_index
-    ce = F.cross_entropy(student_logits.float().flatten(0, 1), labels.flatten(), ignore_index=ignore_index)
+    if shard is None:
+        ce = F.cross_entropy(student_logits.float().flatten(0, 1), labels.flatten(), ignore_index=ignore_index)
+        if weight == 0:
+            return ce
+        return (1 - weight) * ce + weight * kl_loss(student_logits, teacher_logits, temperature, mask)
+    from megaxatl.parallel.vocab_loss import vocab_parallel_cross_entropy, vocab_parallel_kl
+
+    s = student_logits.float().flatten(0, 1)
+    ce = vocab_parallel_cross_entropy(s, labels.flatten(), *shard, ignore_index)
     if weight == 0:
         return ce
-    kl = kl_loss(student_logits, teacher_logits, temperature, mask)
+    kl = vocab_parallel_kl(s, teacher_logits.flatten(0, 1), temperature, mask.flatten(), *shard)
     return (1 - weight) * ce + weight * kl
 
 
@@ -61,8 +80,9 @@ def align_loss(student_outs: list[torch.Tensor], teacher_outs: list[torch.Tensor
     return torch.stack(terms).mean()
 
 
-def load_teacher(spec: str, dtype: torch.dtype):
-    """A model folder (meta.json + model.safetensors) or a donor / named asset -> (LM, tokenizer dir)."""
+def load_teacher(spec: str, dtype: torch.dtype, pad_vocab_multiple: int | None = None):
+    """A model folder (meta.json + model.safetensors) or a donor / named asset -> (LM, tokenizer dir).
+    pad_vocab_multiple: a donor's vocabulary padded so (a folder keeps its own padding)."""
     from megaxatl.checkpoint.model_dir import META
 
     path = Path(spec)
@@ -79,7 +99,7 @@ def load_teacher(spec: str, dtype: torch.dtype):
         return model, (str(tok) if tok.is_dir() else None)
     from megaxatl.transfer.donor_model import donor_model
 
-    model, tok, _ = donor_model(spec, dtype)
+    model, tok, _ = donor_model(spec, dtype, pad_vocab_multiple)
     return model, tok
 
 
@@ -92,18 +112,33 @@ class Distiller:
     temperature: float
     align_steps: int
     total_steps: int
+    shard: tuple | None = None  # (vocab_start, vocab_size, TP group) under tensor parallelism
 
     @classmethod
-    def from_config(cls, cfg, device, student_tokenizer: str | None) -> "Distiller":
+    def from_config(cls, cfg, device, student_tokenizer: str | None, student=None) -> "Distiller":
+        """student: the (TP-sharded) LM being trained, whose TP group and vocab range the teacher takes."""
         d = cfg.train.distill
         spec = cfg.transfer.donor if d.teacher == "donor" else d.teacher
         if not spec:
             raise ValueError("train.distill.teacher: 'donor' needs transfer.donor set")
-        teacher, tok = load_teacher(spec, DTYPES[d.teacher_dtype or cfg.train.dtype])
         m = cfg.model
+        teacher, tok = load_teacher(spec, DTYPES[d.teacher_dtype or cfg.train.dtype], m.pad_vocab_multiple)
         if teacher.cfg.vocab_size != m.vocab_size:
             raise ValueError(f"train.distill.teacher {spec}: vocabulary {teacher.cfg.vocab_size} differs from the "
                              f"model's {m.vocab_size} (the teacher must share the tokenizer)")
+        shard = None
+        if getattr(student, "tp_size", 1) > 1:
+            if teacher.cfg.padded_vocab_size != m.padded_vocab_size:
+                raise ValueError(f"train.distill.teacher {spec}: its vocabulary is padded to "
+                                 f"{teacher.cfg.padded_vocab_size} rows, the model's to {m.padded_vocab_size}; under "
+                                 "tensor parallelism their vocab shards must match (model.pad_vocab_multiple)")
+            from megaxatl.parallel import apply_tensor_parallel
+
+            apply_tensor_parallel(teacher, student.tp_group)  # the same rules as the student's; no SP
+            if teacher.tp_vocab_start != student.tp_vocab_start:
+                raise ValueError(f"train.distill.teacher {spec}: its vocab shard starts at {teacher.tp_vocab_start}, "
+                                 f"the model's at {student.tp_vocab_start}")
+            shard = (student.tp_vocab_start, m.vocab_size, student.tp_group)
         if tok and student_tokenizer and Path(student_tokenizer).is_dir():
             from megaxatl.data.tokenizer import tokenizer_id
 
@@ -118,7 +153,7 @@ class Distiller:
             if m.d_model != teacher.cfg.d_model:
                 raise ValueError("train.distill.align_steps: the teacher's d_model differs from the model's")
         we = d.weight if d.weight_end is None else d.weight_end
-        return cls(teacher.to(device), aligned, d.weight, we, d.temperature, d.align_steps, cfg.train.steps)
+        return cls(teacher.to(device), aligned, d.weight, we, d.temperature, d.align_steps, cfg.train.steps, shard)
 
     def stage(self, step: int) -> str:
         """'align' or 'logits' for the optimizer step after `step` completed ones."""
@@ -138,8 +173,8 @@ class Distiller:
                 hooks.append(self.teacher.layers[i].mixer.register_forward_hook(
                     lambda mod, args, out, i=i: seen.__setitem__(i, (args[0], out[0]))))
         try:
-            with torch.no_grad():
-                logits = self.teacher(ids)
+            with torch.no_grad():  # this rank's part of the logits, as the student gives them
+                logits = self.teacher(ids, local=True)
         finally:
             for h in hooks:
                 h.remove()
@@ -155,5 +190,16 @@ class Distiller:
             outs = [student.layers[i].mixer(seen[i][0].to(dtype))[0] for i in self.aligned]
             return align_loss(outs, [seen[i][1] for i in self.aligned])
         teacher_logits, _ = self._teacher_pass(ids, capture=False)
-        logits = engine(ids)  # through the engine: ZeRO-3 gathers, as the plain LM loss does
-        return mixed_loss(logits, labels, teacher_logits, self.weight_at(step), self.temperature)
+        logits = engine(ids, local=True)  # through the engine: ZeRO-3 gathers, as the plain LM loss does
+        return mixed_loss(logits, labels, teacher_logits, self.weight_at(step), self.temperature, shard=self.shard)
+
+    def pipe_loss(self, local_logits, labels, ids, step: int) -> torch.Tensor:
+        """The last pipeline stage's objective of a micro-batch of optimizer step `step` + 1:
+        local_logits are the stage's output (this rank's vocab shard with tp > 1, the padded
+        vocab at tp = 1), ids the micro-batch's input (the pipeline's second label)."""
+        teacher_logits, _ = self._teacher_pass(ids, capture=False)
+        vocab = self.teacher.cfg.vocab_size
+        if self.shard is None and local_logits.shape[-1] != vocab:  # a plain stage's head keeps the padding
+            local_logits = local_logits[..., :vocab]
+        return mixed_loss(local_logits, labels, teacher_logits, self.weight_at(step), self.temperature,
+                          shard=self.shard)

@@ -107,11 +107,13 @@ class _PoisonGrad(torch.autograd.Function):
         return g * float("inf")
 
 
-def _pipe_batches(data, device):
+def _pipe_batches(data, device, distilling: bool = False):
     """The loader's dicts as the (inputs, labels) pairs DeepSpeed's pipeline engine reads (only
-    the first and last stage read; both see the same batches: data is sharded by DP rank)."""
+    the first and last stage read; both see the same batches: data is sharded by DP rank).
+    distilling: the labels are (labels, inputs), for the teacher on the last stage."""
     for batch in data:
-        yield batch["input_ids"].to(device), batch["labels"].to(device)
+        ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        yield ids, ((labels, ids) if distilling else labels)
 
 
 def _quiet_deepspeed() -> None:
@@ -201,8 +203,9 @@ class Trainer:
         zero3_relayout = self.layout_change and cfg.parallel.zero_stage == 3
         if zero3_relayout:  # ZeRO-3 partitions each unit as it is built: read the saved weights then
             init.fill = portable.weights_fill(latest / ckpt.WEIGHTS_DIR)
-        self.built = parallelize(model, cfg, self.par, loss_wrapper=self._inject_fault if fault else None,
-                                 fill=init.fill, layout=self.layout)
+        self.distill = None  # built after the data check (below); the pipeline's loss looks it up per call
+        self.built = parallelize(model, cfg, self.par, loss_wrapper=self._pipe_loss, fill=init.fill,
+                                 layout=self.layout)
         self.source_kind = init.source
         self.transferred = saved["transferred"] if saved else init.transferred
         self.report = saved.get("report") if saved else init.report
@@ -220,11 +223,11 @@ class Trainer:
                                tp_rank=self.par.tp_rank, dp=self.par.dp)
         self.scheduler = GroupLRScheduler(optimizer, t, self.freeze)
         self.gate = GradGate(p for g in groups if g["role"].startswith("transferred") for p in g["params"])
-        self.distill = None
-        if t.distill.teacher is not None:  # after the data check, before the engine's set-up
+        last_stage = self.par.is_last_stage  # where the loss is (pp 1: every rank)
+        if t.distill.teacher is not None and last_stage:  # after the data check, before the engine's set-up
             from megaxatl.train.distill import Distiller
 
-            self.distill = Distiller.from_config(cfg, self.device, self.tokenizer_dir)
+            self.distill = Distiller.from_config(cfg, self.device, self.tokenizer_dir, student=self.built.lm)
         fp32_initial = None
         if latest is None:  # before the bf16 cast (ZeRO-3: taken unit by unit, before partitioning)
             fp32_initial = self.built.initial if self.built.initial is not None else initial_values(self.built.named)
@@ -305,7 +308,7 @@ class Trainer:
             self.evaluate()  # the starting point: where XATL and scratch differ most
         data = iter(self.train_loader)
         if self.pipeline:
-            data = _pipe_batches(data, self.device)
+            data = _pipe_batches(data, self.device, distilling=t.distill.teacher is not None)
         with StopSignal() as stop_signal:
             while self.step < t.steps:
                 t0 = time.perf_counter()
@@ -396,13 +399,21 @@ class Trainer:
     def _pipeline_step(self, data) -> float:
         return float(self.engine.train_batch(data_iter=data))
 
-    def _inject_fault(self, loss_fn):
-        """Test hook for the pipeline: fault(step, micro) -> True makes that micro-batch's loss NaN."""
+    def _pipe_loss(self, loss_fn):
+        """The pipeline's last-stage loss: the LM loss, or distillation's when the labels carry the
+        inputs (training while distilling; validation's labels never do). The test hook
+        fault(step, micro) -> True makes that micro-batch's loss NaN."""
         def wrapped(logits, labels):
-            loss = loss_fn(logits, labels)
-            hit = self.fault(self.step + 1, self._micro)
-            self._micro += 1
-            return loss * float("nan") if hit else loss
+            if isinstance(labels, (tuple, list)):
+                labels, ids = labels
+                loss = self.distill.pipe_loss(logits, labels, ids, self.step)
+            else:
+                loss = loss_fn(logits, labels)
+            if self.fault is not None:
+                hit = self.fault(self.step + 1, self._micro)
+                self._micro += 1
+                loss = loss * float("nan") if hit else loss
+            return loss
         return wrapped
 
     def _bad(self, kind: str, reason: str, at_step: int) -> None:

@@ -9,8 +9,10 @@ from pathlib import Path
 import torch
 
 
-def donor_model(donor_path: str | Path, dtype: torch.dtype = torch.float32):
-    """-> (LM in eval mode with every parameter frozen, tokenizer folder or None, donor layers)."""
+def donor_model(donor_path: str | Path, dtype: torch.dtype = torch.float32, pad_vocab_multiple: int | None = None):
+    """-> (LM in eval mode with every parameter frozen, tokenizer folder or None, donor layers).
+    pad_vocab_multiple: pad the vocabulary as a student does (a TP teacher's vocab shards must
+    cover the student's ranges)."""
     from megaxatl.assets.donors import resolve_donor
     from megaxatl.config import Config, config_from_dict
     from megaxatl.donors import open_donor
@@ -19,7 +21,10 @@ def donor_model(donor_path: str | Path, dtype: torch.dtype = torch.float32):
     path = resolve_donor(str(donor_path))
     with open_donor(path) as d:
         spec = d.spec
-    cfg: Config = config_from_dict({"model": model_dict_from_donor(spec, "*" * spec.n_layers)})
+    model_dict = model_dict_from_donor(spec, "*" * spec.n_layers)
+    if pad_vocab_multiple is not None:
+        model_dict["pad_vocab_multiple"] = pad_vocab_multiple
+    cfg: Config = config_from_dict({"model": model_dict})
     model, report = from_donor(path, cfg, dtype=dtype, seed=0)
     model.eval().requires_grad_(False)
     return model, report.tokenizer_dir, spec.n_layers
