@@ -171,3 +171,61 @@ def test_newer_family_options_gather_to_the_tp1_model(tp, pp, extra):
             got = unshard(key, [parts[(s, r)][key] for r in range(tp)], layout.rules[key])
             assert torch.equal(got, whole[key].detach()), key
     assert set(layout.shapes) == set(whole)
+
+
+def test_donor_start_at_tp2_pp2_streams_only_local_tensors_and_gathers_to_from_donor(tmp_path, monkeypatch):
+    """The trainer's transfer.donor start: each virtual rank of TP 2 x PP 2 fills its own part from
+    the streamed transfer (no whole target is built: from_donor is not called), reads the donor
+    tensors of its own stage only, and the parts gather to from_donor's model bit for bit, with
+    the same report on every rank."""
+    pytest.importorskip("transformers")
+    from fixtures_donors import make_tiny_donor
+    from megaxatl.config import config_from_dict
+    from megaxatl.donors import open_donor
+    import megaxatl.transfer as transfer_pkg
+    from megaxatl.transfer import api, from_donor, model_dict_from_donor
+    from megaxatl.transfer.stream import TransferSource
+    from megaxatl.train.init import _from_donor
+
+    _, donor = make_tiny_donor("llama", tmp_path / "ll", num_hidden_layers=4, vocab_size=203)
+    spec = open_donor(donor).spec
+    data = {"model": model_dict_from_donor(spec, "*M*S", pad_vocab_multiple=8, mamba={"d_state": 8},
+                                           mamba2={"d_state": 8, "head_dim": 16, "n_groups": 2}),
+            "transfer": {"donor": str(donor)}, "train": {"seed": 7}}
+    cfg = config_from_dict(data)
+    want_model, want_report = from_donor(donor, config_from_dict(data), seed=7)
+    whole = {n: p.detach() for n, p in want_model.named_parameters()}
+
+    def no_whole_target(*a, **k):
+        raise AssertionError("the donor start built the whole target")
+    monkeypatch.setattr(api, "from_donor", no_whole_target)
+    monkeypatch.setattr(transfer_pkg, "from_donor", no_whole_target)
+    read: list[str] = []
+    real_read = TransferSource.read
+    monkeypatch.setattr(TransferSource, "read", lambda self, key: read.append(key) or real_read(self, key))
+
+    layout = check_layout(cfg.model, 2, 2)
+    parts = {}
+    for pp_rank in range(2):
+        for tp_rank in range(2):
+            par = SimpleNamespace(tp=2, pp=2, tp_rank=tp_rank, pp_rank=pp_rank)
+            local = {}
+            for name in local_names(layout, par):
+                shape = layout.shapes[name]
+                local[name] = torch.full(local_shape(shape, local_chunks(name, layout.rules[name], shape, tp_rank, 2)),
+                                         float("nan"))
+            initial = _from_donor(cfg, None)
+            read.clear()
+            initial.fill(local, layout, par)
+            assert sorted(read) == sorted(local), (pp_rank, tp_rank)  # its own tensors, each once
+            assert initial.transferred == list(want_report.transferred)
+            assert initial.report == want_report.to_dict()
+            parts[(pp_rank, tp_rank)] = local
+    assert not any(k.startswith("layers.3") for k in parts[(0, 0)])  # stage 0 never reads stage 1's layers
+    for key in layout.shapes:
+        stages = [s for s in range(2) if key in parts[(s, 0)]]
+        assert stages, key
+        for s in stages:
+            got = unshard(key, [parts[(s, r)][key] for r in range(2)], layout.rules[key])
+            assert torch.equal(got, whole[key]), key
+    assert want_report.transferred and any(k.startswith("layers.3") for k in want_report.transferred)

@@ -10,7 +10,8 @@ at, done our way):
     4. they are filled: scratch from models.lm.build_unit, one unit (embedding, block, norm, head)
        at a time from (seed, its global name), whole, then cut to this rank's TP part, so every
        value is the same at any layout; a weights folder by reading this rank's slices only;
-       a donor through transfer (the one path that still builds the whole target).
+       a donor through the streamed transfer (transfer/stream.py: each local tensor whole, the
+       layout-free init plus its donor copies, then cut; only its own donor tensors are read).
 
 The rest of the model (other stages) stays on the meta device for the whole run: no rank holds
 another stage's storage. Peak host memory is the local shard plus one whole unit.
@@ -257,29 +258,32 @@ def select_layers_agreed(cfg: Config):
 
 
 def _from_donor(cfg: Config, selection) -> Initial:
-    """Transfer in this process (the donor path builds the whole target once; `megaxatl transfer`
-    then `train.init_from` is the path that scales). The report is known only after the copy."""
+    """Transfer in this process, streamed (transfer/stream.py): the plan and report come from the
+    headers; each local parameter is its whole target tensor (the layout-free init plus its donor
+    copies, one unit held at a time), then cut to this rank's TP part. A rank reads the donor
+    tensors of its own parameters only and never holds the whole target."""
     initial = Initial(f"donor:{cfg.transfer.donor}", None)
 
-    built: list = []  # the transferred target, kept across the calls of one build (per unit under ZeRO-3)
+    opened: list = []  # the TransferSource, kept across the calls of one build (per unit under ZeRO-3)
 
     @torch.no_grad()
     def fill(local, layout, par):
         from megaxatl.parallel.tp_rules import shard_tensor
-        from megaxatl.transfer import from_donor  # lazy: donor readers pull in transformers
+        from megaxatl.transfer.stream import open_transfer  # lazy: donor readers pull in transformers
 
-        if not built:
-            built.append(from_donor(cfg.transfer.donor, cfg, seed=cfg.train.seed))
-        model, report = built[0]
-        full = dict(model.named_parameters())
-        for name, p in local.items():
-            p.copy_(shard_tensor(name, full[name].data, layout.rules[name], par.tp_rank, par.tp) if par.tp > 1
-                    else full[name])
+        if not opened:
+            opened.append(open_transfer(cfg.transfer.donor, cfg, seed=cfg.train.seed))
+        source, report = opened[0]
+        order = {n: i for i, n in enumerate(source.entries())}  # model order: one unit built at a time
+        for name in sorted(local, key=order.__getitem__):
+            full = source.read(name)
+            local[name].copy_(shard_tensor(name, full, layout.rules[name], par.tp_rank, par.tp) if par.tp > 1
+                              else full)
         if selection is not None:
             report.selection, report.selection_table = selection.to_dict(), selection.table()
         initial.transferred, initial.report = list(report.transferred), report.to_dict()
         initial.tokenizer_dir = report.tokenizer_dir
 
-    fill.release = built.clear
+    fill.release = opened.clear
     initial.fill = fill
     return initial

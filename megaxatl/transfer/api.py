@@ -9,8 +9,7 @@ import torch
 
 from megaxatl.config import Config, ModelConfig, config_from_dict, config_to_dict
 from megaxatl.models import build
-from megaxatl.transfer.plan import check_shapes, make_plan
-from megaxatl.transfer.report import TransferReport, build_report
+from megaxatl.transfer.report import TransferReport
 
 
 def model_dict_from_donor(spec, pattern: str, layer_map: list[int] | None = None, **overrides) -> dict:
@@ -67,36 +66,20 @@ def from_donor(donor_path, config, mode: str | None = None, layer_map: list[int]
     config's transfer section. With transfer.keep_attention set, the attention layers to keep are
     chosen from the donor first and written into the config's model.pattern (in place). Returns (model, TransferReport); all checks run before any copy.
     """
-    from megaxatl.assets.donors import resolve_donor
-    from megaxatl.donors import open_donor
+    from megaxatl.transfer.stream import open_transfer
 
     cfg = _as_config(config)
-    mode = mode or cfg.transfer.mode
-    layer_map = layer_map if layer_map is not None else cfg.transfer.layer_map
     selection = None
     if cfg.transfer.keep_attention:  # rewrites cfg.model.pattern before anything is built
         from megaxatl.transfer.select import select_for_config
 
         selection = select_for_config(cfg, donor_path, cfg.transfer.select_data, cfg.transfer.select_tokens,
                                       method=cfg.transfer.select_method)
-    donor = open_donor(resolve_donor(str(donor_path)))
-    with torch.device("meta"):
-        shapes = {n: tuple(p.shape) for n, p in build(cfg).named_parameters()}
-    plan = make_plan(donor.spec, cfg.model, shapes, donor.keys(), mode, layer_map)
-    check_shapes(plan, shapes, donor.shape)
-
+    source, report = open_transfer(donor_path, cfg, mode=mode, layer_map=layer_map, dtype=dtype, seed=seed)
     # fresh parameters: the layout-free init (models.lm.build_unit), as the streamed output has them
-    model = build(cfg, seed=cfg.train.seed if seed is None else seed).to(dtype)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for c in plan.copies:
-            t = donor.get(c.source)
-            if c.transform is not None:
-                t = c.transform(t)
-            dst = params[c.target]
-            (dst[c.index] if c.index else dst).copy_(t.to(dst.dtype))
-    report = build_report(plan, donor, shapes, str(donor_path), cfg.model.pattern, cfg.model.init_std, cfg.model.n_layers)
-    report.tokenizer_dir = str(donor.tokenizer_dir) if donor.tokenizer_dir else None
+    model = build(cfg, seed=source.seed).to(dtype)
+    for name, p in model.named_parameters():
+        source.write_copies(name, p.data)
     report.selection = selection.to_dict() if selection is not None else None
     report.selection_table = selection.table() if selection is not None else None
     return model, report

@@ -33,37 +33,36 @@ class TransferSource:
         from megaxatl.models.lm import build_unit, unit_of
 
         unit = unit_of(key)
-        if unit != self._unit:  # keys come in model order: one unit built at a time
+        if unit != self._unit or key[len(unit) + 1:] not in self._ref:  # keys in model order: one unit at a time
             self._ref = dict(build_unit(self.cfg, unit, self.seed).named_parameters())
             self._unit = unit
         t = self._ref.pop(key[len(unit) + 1:]).detach().to(self.dtype)
+        self.write_copies(key, t)
+        return t
+
+    @torch.no_grad()
+    def write_copies(self, key: str, t: torch.Tensor) -> None:
+        """The plan's donor copies into target tensor `key` (whole, in place)."""
         for c in self._copies.get(key, []):
             src = self.donor.get(c.source)
             if c.transform is not None:
                 src = c.transform(src)
             (t[c.index] if c.index else t).copy_(src.to(t.dtype))
-        return t
 
 
-def transfer_to_folder(donor_path, cfg, out: str | Path, *, mode: str | None = None,
-                       layer_map: list[int] | None = None, dtype: torch.dtype = torch.float32,
-                       seed: int | None = None, tp: int = 1, pp: int = 1, fmt: str = "sharded",
-                       overwrite: bool = False):
-    """Plan, check, and write the transfer output. fmt "sharded": a sharded model folder (DCP files
-    at tp x pp, shards.json); "model-dir": one model.safetensors. -> the TransferReport."""
+def open_transfer(donor_path, cfg, *, mode: str | None = None, layer_map: list[int] | None = None,
+                  dtype: torch.dtype = torch.float32, seed: int | None = None):
+    """Plan and check the transfer of `donor_path` into `cfg`'s model, reading headers only.
+    -> (TransferSource, TransferReport); the donor tensors are read by source.read, one target
+    tensor at a time. Values are from_donor's (the layout-free init plus the plan's copies)."""
     from megaxatl.assets.donors import resolve_donor
-    from megaxatl.checkpoint.reshard import WEIGHTS_OUTPUT, is_weights_output, save_model_dir_streaming
-    from megaxatl.checkpoint.sharded import check_layout, save_sharded_dir
     from megaxatl.donors import open_donor
     from megaxatl.models import build
     from megaxatl.transfer.plan import check_shapes, make_plan
     from megaxatl.transfer.report import build_report
 
-    if fmt not in ("sharded", "model-dir"):
-        raise ValueError(f"--format must be 'sharded' or 'model-dir', got {fmt!r}")
     mode = mode or cfg.transfer.mode
     layer_map = layer_map if layer_map is not None else cfg.transfer.layer_map
-    layout = check_layout(cfg.model, tp, pp) if fmt == "sharded" else check_layout(cfg.model, 1, 1)
     donor = open_donor(resolve_donor(str(donor_path)))
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in build(cfg).named_parameters()}
@@ -73,6 +72,22 @@ def transfer_to_folder(donor_path, cfg, out: str | Path, *, mode: str | None = N
                           cfg.model.n_layers)
     report.tokenizer_dir = str(donor.tokenizer_dir) if donor.tokenizer_dir else None
     source = TransferSource(donor, plan, cfg, dtype, cfg.train.seed if seed is None else seed, shapes)
+    return source, report
+
+
+def transfer_to_folder(donor_path, cfg, out: str | Path, *, mode: str | None = None,
+                       layer_map: list[int] | None = None, dtype: torch.dtype = torch.float32,
+                       seed: int | None = None, tp: int = 1, pp: int = 1, fmt: str = "sharded",
+                       overwrite: bool = False):
+    """Plan, check, and write the transfer output. fmt "sharded": a sharded model folder (DCP files
+    at tp x pp, shards.json); "model-dir": one model.safetensors. -> the TransferReport."""
+    from megaxatl.checkpoint.reshard import WEIGHTS_OUTPUT, is_weights_output, save_model_dir_streaming
+    from megaxatl.checkpoint.sharded import check_layout, save_sharded_dir
+
+    if fmt not in ("sharded", "model-dir"):
+        raise ValueError(f"--format must be 'sharded' or 'model-dir', got {fmt!r}")
+    layout = check_layout(cfg.model, tp, pp) if fmt == "sharded" else check_layout(cfg.model, 1, 1)
+    source, report = open_transfer(donor_path, cfg, mode=mode, layer_map=layer_map, dtype=dtype, seed=seed)
     config = config_to_dict(cfg)
     meta = {"step": 0, "transferred": report.transferred, "report": report.to_dict(), "source": "megaxatl transfer"}
     extra = {"report.json": report.to_json()}
