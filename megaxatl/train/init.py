@@ -118,7 +118,7 @@ def materialize_partitioned(lm: nn.Module, names: set[str], layout, par, fill: C
             if dtype is not None and p.is_floating_point() and p.dtype != dtype:
                 p.data = p.data.to(dtype)
         partition(list(part.values()))
-        held += sum(_stored(p) for p in part.values())
+        held += sum(stored_elements(p) for p in part.values())
         local.update(part)
     release_fill(fill)
     return local, initial, peak
@@ -132,7 +132,7 @@ def release_fill(fill: Callable) -> None:
         release()
 
 
-def _stored(p: torch.Tensor) -> int:
+def stored_elements(p: torch.Tensor) -> int:
     """Elements p holds storage for: its ZeRO-3 partition, or itself."""
     ds = getattr(p, "ds_tensor", None)
     return p.data.numel() + (ds.numel() if ds is not None else 0)
