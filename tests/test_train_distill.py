@@ -62,14 +62,14 @@ def test_align_loss_is_relative_squared_error_averaged_over_layers():
     assert abs(align_loss(s, t).item() - ref.item()) < 1e-6
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    """An all-attention 2-layer model folder with the shards' 300-token vocabulary."""
+def make_teacher(tmp_path_factory, **model_over):
+    """An all-attention 2-layer model folder with the shards' 300-token vocabulary (model_over:
+    dotted model keys with '__', e.g. model__pad_vocab_multiple=8)."""
     from megaxatl.checkpoint import save_model_dir
     from megaxatl.config import config_to_dict
     from megaxatl.models import build
 
-    data = tiny_config(tmp_path_factory.mktemp("unused"), "x")
+    data = tiny_config(tmp_path_factory.mktemp("unused"), "x", **model_over)
     data["model"]["pattern"] = "**"
     cfg = config_from_dict({"model": data["model"]})
     torch.manual_seed(5)
@@ -77,6 +77,11 @@ def teacher(tmp_path_factory):
     path = tmp_path_factory.mktemp("teacher") / "t"
     save_model_dir(path, model.state_dict(), {"config": config_to_dict(cfg), "step": 0})
     return path
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return make_teacher(tmp_path_factory)
 
 
 def _distill_cfg(out, shards, teacher, **over):

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from megaxatl.config import config_from_dict
 from megaxatl.train import run
 from test_train_common import assert_ok, free_port, launch, records, tiny_config, train_shards, write_config  # noqa: F401
+from test_train_distill import make_teacher
 from test_train_parallel import assert_same_run, hybrid
 
 pytestmark = pytest.mark.multiprocess
@@ -67,19 +68,8 @@ def test_vocab_parallel_mixed_loss_and_gradient_match_the_gathered_logits(tmp_pa
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    """An all-attention 2-layer model folder, vocabulary 300 padded as the students pad it."""
-    from megaxatl.checkpoint import save_model_dir
-    from megaxatl.config import config_to_dict
-    from megaxatl.models import build
-
-    data = tiny_config(tmp_path_factory.mktemp("unused"), "x", model__pad_vocab_multiple=PAD)
-    data["model"]["pattern"] = "**"
-    cfg = config_from_dict({"model": data["model"]})
-    torch.manual_seed(5)
-    model = build(cfg)
-    path = tmp_path_factory.mktemp("teacher") / "t"
-    save_model_dir(path, model.state_dict(), {"config": config_to_dict(cfg), "step": 0})
-    return path
+    """The all-attention teacher, its vocabulary 300 padded as the students pad it."""
+    return make_teacher(tmp_path_factory, model__pad_vocab_multiple=PAD)
 
 
 def _distilled(out, shards, teacher, **over):

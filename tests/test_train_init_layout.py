@@ -17,17 +17,23 @@ from megaxatl.train.init import fill_scratch, local_names, materialize
 from test_parallel_tp import make_cfg
 
 
+def nan_local(layout, par) -> dict[str, torch.Tensor]:
+    """This virtual rank's tensors at their local shapes, NaN until a fill writes them."""
+    local = {}
+    for name in local_names(layout, par):
+        shape = layout.shapes[name]
+        local[name] = torch.full(local_shape(shape, local_chunks(name, layout.rules[name], shape, par.tp_rank, par.tp)),
+                                 float("nan"))
+    return local
+
+
 def rank_parts(cfg, tp: int, pp: int, seed: int) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
     layout = check_layout(cfg.model, tp, pp)
     out = {}
     for pp_rank in range(pp):
         for tp_rank in range(tp):
             par = SimpleNamespace(tp=tp, pp=pp, tp_rank=tp_rank, pp_rank=pp_rank)
-            local = {}
-            for name in local_names(layout, par):
-                shape = layout.shapes[name]
-                local[name] = torch.full(local_shape(shape, local_chunks(name, layout.rules[name], shape, tp_rank, tp)),
-                                         float("nan"))
+            local = nan_local(layout, par)
             fill_scratch(cfg, seed, local, layout, par)
             out[(pp_rank, tp_rank)] = local
     return out
@@ -119,11 +125,7 @@ def test_init_from_a_sharded_folder_reads_and_verifies_only_this_ranks_files(tmp
 
     def fill(tp_rank, pp_rank):
         par = SimpleNamespace(tp=2, pp=2, tp_rank=tp_rank, pp_rank=pp_rank)
-        local = {}
-        for name in local_names(layout, par):
-            shape = layout.shapes[name]
-            local[name] = torch.full(local_shape(shape, local_chunks(name, layout.rules[name], shape, tp_rank, 2)),
-                                     float("nan"))
+        local = nan_local(layout, par)
         initial = _from_weights(cfg, tmp_path / "w")
         assert initial.transferred == ["x"]
         initial.fill(local, layout, par)
@@ -209,11 +211,7 @@ def test_donor_start_at_tp2_pp2_streams_only_local_tensors_and_gathers_to_from_d
     for pp_rank in range(2):
         for tp_rank in range(2):
             par = SimpleNamespace(tp=2, pp=2, tp_rank=tp_rank, pp_rank=pp_rank)
-            local = {}
-            for name in local_names(layout, par):
-                shape = layout.shapes[name]
-                local[name] = torch.full(local_shape(shape, local_chunks(name, layout.rules[name], shape, tp_rank, 2)),
-                                         float("nan"))
+            local = nan_local(layout, par)
             initial = _from_donor(cfg, None)
             read.clear()
             initial.fill(local, layout, par)
