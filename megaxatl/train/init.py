@@ -169,10 +169,18 @@ def fill_scratch(cfg: Config, seed: int, local: dict, layout, par) -> None:
     for unit, names in by_unit.items():
         ref = dict(build_unit(cfg, unit, seed).named_parameters())
         for name in names:
-            full = ref[name[len(unit) + 1:]]
-            local[name].copy_(shard_tensor(name, full, layout.rules[name], par.tp_rank, par.tp) if par.tp > 1
-                              else full)
+            full = ref.pop(name[len(unit) + 1:]).detach()
+            part = shard_tensor(name, full, layout.rules[name], par.tp_rank, par.tp).clone() if par.tp > 1 else full
+            _adopt(local[name], part)
         del ref
+
+
+def _adopt(p: torch.Tensor, value: torch.Tensor) -> None:
+    """p takes value's storage (the same object keeps its markers): the fresh, never-written
+    storage materialize gave p is dropped untouched, so a unit is not resident twice."""
+    if value.shape != p.shape or value.dtype != p.dtype:
+        raise ValueError(f"fill: a {tuple(value.shape)} {value.dtype} value for a {tuple(p.shape)} {p.dtype} tensor")
+    p.data = value
 
 
 def _from_weights(cfg: Config, path: Path) -> Initial:
