@@ -61,3 +61,17 @@ def test_real_asset_smollm2_gguf_reads_like_the_converted_folder(smollm2):
                  "layers.3.mixer.o_proj.weight", "layers.12.mlp.down_proj.weight", "norm_f.weight"):
         assert torch.equal(gguf.get(name).to(torch.bfloat16), folder.get(name)), name
     assert gguf.source("layers.3.mixer.q_proj.weight").startswith("blk.3.attn_q.weight")
+
+
+def test_gguf_conversion_without_accelerate_names_it_and_writes_nothing(tmp_path, monkeypatch):
+    """transformers refuses gguf_file= without accelerate; the conversion says so first, by name."""
+    import sys
+
+    from fixtures_donors import make_tiny_gguf
+    from megaxatl.assets.donors import _convert_gguf
+
+    _, gguf = make_tiny_gguf(tmp_path / "tiny.gguf")
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # import accelerate -> ImportError
+    with pytest.raises(RuntimeError, match=r"tiny\.gguf: converting a GGUF donor needs the 'accelerate' package"):
+        _convert_gguf(gguf, tmp_path / "out", "float32", "test")
+    assert not (tmp_path / "out").exists()

@@ -100,6 +100,12 @@ def _convert_gguf(gguf_path: Path, dest: Path, dtype: str, note: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    try:  # transformers' from_pretrained(gguf_file=...) refuses to run without it: say so first, by name
+        import accelerate  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"{gguf_path}: converting a GGUF donor needs the 'accelerate' package "
+                           "(a declared dependency of megaxatl): pip install accelerate") from e
+
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     kwargs = {}
